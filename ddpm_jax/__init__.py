@@ -1,0 +1,10 @@
+"""ddpm-jax: the DDPM of Ho, Jain & Abbeel (2020) in JAX and Flax.
+
+Modules (import what you need; importing the package itself loads nothing heavy):
+  * ``ddpm_jax.schedule``: beta schedules and the float64-computed ``Schedule`` tables.
+  * ``ddpm_jax.diffusion``: forward process, posterior, parameterizations, losses, variational bound.
+  * ``ddpm_jax.sampling``: samplers as one ``lax.scan`` over the reverse steps.
+  * ``ddpm_jax.models``: the paper's Flax U-Net.
+"""
+
+__version__ = '0.1.0'
