@@ -5,6 +5,10 @@ The paper's ancestral sampler (Algorithm 2 with the original code's x_0 clipping
 x_{t-1} = mu_theta(x_t, t) + sigma_t z, with no noise at t = 0 (the paper displays mu_theta(x_1, 1)
 noiselessly). The network enters as ``denoise_fn(x_t, t)`` (see :mod:`ddpm_jax.diffusion`).
 
+Faster samplers for the same trained network: :func:`ddim_sample_loop` (Song et al. 2021, any number of
+steps and eta) and respaced ancestral sampling (Nichol & Dhariwal 2021): ``p_sample_loop`` on
+``schedule.respace(...)`` with the network wrapped by :func:`remap_timesteps`.
+
 The functions are pure and compile to one scan whose memory does not grow with T: pass the network
 parameters as arguments of the function you jit, not as closed-over constants::
 
@@ -23,8 +27,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ddpm_jax import diffusion
+from ddpm_jax import schedule as sched_lib
 from ddpm_jax.diffusion import DenoiseFn, MeanType, VarType
 from ddpm_jax.schedule import Schedule
 
@@ -157,3 +163,76 @@ def p_sample_loop(schedule: Schedule, denoise_fn: DenoiseFn, shape: Sequence[int
 
   timesteps = jnp.arange(schedule.num_timesteps - 1, -1, -1, dtype=jnp.int32)
   return reverse_scan(step, x_init, timesteps, loop_key, trace_every=trace_every)
+
+
+def remap_timesteps(denoise_fn: DenoiseFn, timestep_map: jax.Array | Sequence[int]) -> DenoiseFn:
+  """Wraps ``denoise_fn`` so that a respaced schedule's step j calls the network at ``timestep_map[j]``."""
+  timestep_map = jnp.asarray(timestep_map, dtype=jnp.int32)
+  return lambda x_t, t: denoise_fn(x_t, jnp.take(timestep_map, t))
+
+
+def ddim_sample_loop(schedule: Schedule, denoise_fn: DenoiseFn, shape: Sequence[int], key: jax.Array, *,
+                     num_steps: int | None = None, timesteps: Sequence[int] | None = None,
+                     eta: float = 0.0, mean_type: MeanType = 'eps', clip_denoised: bool = True,
+                     trace_every: int | None = None,
+                     x_init: jax.Array | None = None) -> jax.Array | tuple[jax.Array, SampleTrace]:
+  """DDIM sampling (Song, Meng & Ermon 2021, Eq. 12) over a subsequence of the training timesteps.
+
+  For consecutive kept timesteps t > s (s = -1 after the last, with alpha_bar_{-1} = 1):
+  x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z, with
+  sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s). x0_hat is clipped to [-1, 1]
+  (if ``clip_denoised``) and eps_hat is recomputed from it. eta = 0 is deterministic given x_init;
+  eta = 1 with all T timesteps is the ancestral sampler with the 'fixedsmall' variance.
+
+  Args:
+    schedule: the training schedule (T steps).
+    denoise_fn: ``denoise_fn(x_t, t) -> output`` at the original timesteps.
+    shape: [B, H, W, C].
+    key: PRNG key (initial noise and, if eta > 0, per-step noise).
+    num_steps: number of evenly spaced timesteps (``schedule.space_timesteps``); default T.
+    timesteps: explicit increasing timesteps instead of ``num_steps``.
+    eta: 0 for deterministic DDIM, 1 for DDPM-like stochasticity.
+    mean_type: network parameterization (any; eps_hat is derived from x0_hat).
+    clip_denoised: clip x0_hat to [-1, 1].
+    trace_every: as in :func:`p_sample_loop` (must divide the number of steps).
+    x_init: optional starting noise of ``shape``.
+
+  Returns:
+    Samples [B, H, W, C], or ``(samples, SampleTrace)`` with ``trace_every``.
+  """
+  diffusion.check_types(mean_type=mean_type)
+  if num_steps is not None and timesteps is not None:
+    raise ValueError('Pass num_steps or timesteps, not both.')
+  if not 0.0 <= float(eta) <= 1.0:
+    raise ValueError(f'eta must lie in [0, 1], got {eta!r}.')
+  num_timesteps = schedule.num_timesteps
+  if timesteps is None:
+    timesteps = sched_lib.space_timesteps(num_timesteps, num_steps or num_timesteps)
+  timesteps = np.asarray(timesteps, dtype=np.int64)
+  if (timesteps.ndim != 1 or timesteps.size == 0 or np.any(np.diff(timesteps) <= 0) or timesteps[0] < 0
+      or timesteps[-1] >= num_timesteps):
+    raise ValueError(f'timesteps must be strictly increasing indices in [0, {num_timesteps - 1}], '
+                     f'got {timesteps}.')
+  shape = tuple(int(s) for s in shape)
+  # alpha_bar of the step each kept timestep jumps to, as a [T] table indexed by t (static).
+  abar = np.asarray(schedule.alphas_cumprod, np.float64)
+  abar_next = np.ones(num_timesteps)
+  abar_next[timesteps[1:]] = abar[timesteps[:-1]]
+  abar_next = jnp.asarray(abar_next, jnp.float32)
+  noise_key, loop_key = jax.random.split(key)
+  if x_init is None:
+    x_init = jax.random.normal(noise_key, shape, jnp.float32)
+  elif x_init.shape != shape:
+    raise ValueError(f'x_init has shape {x_init.shape}, expected {shape}.')
+
+  def step(x, t, step_key):
+    out = diffusion.p_mean_variance(schedule, denoise_fn, x, t, mean_type=mean_type,
+                                    var_type='fixedsmall', clip_denoised=clip_denoised)
+    eps = diffusion.predict_eps_from_xstart(schedule, x, t, out.pred_xstart)
+    a_t = diffusion.extract(schedule.alphas_cumprod, t, x.ndim)
+    a_s = diffusion.extract(abar_next, t, x.ndim)
+    sigma = eta * jnp.sqrt((1 - a_s) / (1 - a_t)) * jnp.sqrt(1 - a_t / a_s)
+    mean = jnp.sqrt(a_s) * out.pred_xstart + jnp.sqrt(jnp.maximum(1 - a_s - sigma**2, 0.0)) * eps
+    return mean + sigma * jax.random.normal(step_key, x.shape, x.dtype), out.pred_xstart
+
+  return reverse_scan(step, x_init, timesteps[::-1].astype(np.int32), loop_key, trace_every=trace_every)

@@ -260,3 +260,20 @@ def respace_betas(betas: np.ndarray | Sequence[float],
   alphas_cumprod = np.cumprod(1.0 - betas)[keep]
   prev = np.append(1.0, alphas_cumprod[:-1])
   return 1.0 - alphas_cumprod / prev, keep.astype(np.int32)
+
+
+def respace(schedule: Schedule, use_timesteps: Sequence[int] | np.ndarray) -> tuple[Schedule, np.ndarray]:
+  """A shorter schedule that visits only ``use_timesteps`` of ``schedule`` (see :func:`respace_betas`).
+
+  Sample from it with the network called at the original timesteps, e.g.
+  ``sampling.p_sample_loop(short, sampling.remap_timesteps(denoise_fn, timestep_map), ...)``.
+
+  Args:
+    schedule: the schedule the network was trained with.
+    use_timesteps: increasing indices into 0..T-1, e.g. ``space_timesteps(T, 100)``.
+
+  Returns:
+    ``(respaced schedule with K steps, timestep_map int32 [K])``.
+  """
+  new_betas, timestep_map = respace_betas(np.asarray(schedule.betas, np.float64), use_timesteps)
+  return make_schedule(new_betas), timestep_map

@@ -29,15 +29,14 @@ def two_point_eps(x_t, t):
   return diffusion.predict_eps_from_xstart(SCHED, x_t, t, x0_mean)
 
 
-def exact_sampler_moments(var_type):
+def exact_sampler_moments(var_type, tb=TABLES):
   """Mean and variance of the sampler's output for Gaussian data, by a float64 linear recursion.
 
   With the Gaussian-optimal network and no clipping each reverse step is x <- a x + b + sigma z, so the
   output is Gaussian with moments that follow m <- a m + b, v <- a^2 v + sigma^2 from (0, 1).
   """
-  tb = TABLES
   m, v = 0.0, 1.0
-  for i in range(999, -1, -1):
+  for i in range(len(tb['betas']) - 1, -1, -1):
     abar = tb['alphas_cumprod'][i]
     k = np.sqrt(1 - abar) / (abar * S**2 + 1 - abar)  # eps = k (x - sqrt(abar) MU)
     # x0_hat = r x - rm1 eps ; mean = c1 x0_hat + c2 x
@@ -151,3 +150,56 @@ def test_sampler_bad_input():
   with pytest.raises(ValueError, match=r'\(2, 4, 4, 2\)'):
     sampling.p_sample_loop(sched, lambda x, t: jnp.concatenate([x, x], -1), (2, 4, 4, 1),
                            jax.random.key(0))
+
+
+def test_ddim_eta1_all_steps_matches_ancestral_fixedsmall_statistics():
+  shape = (256, 8, 8, 1)
+  x = np.asarray(jax.jit(functools.partial(sampling.ddim_sample_loop, SCHED, gaussian_eps, shape, eta=1.0,
+                                           clip_denoised=False))(jax.random.key(2)), np.float64)
+  m, v = exact_sampler_moments('fixedsmall')
+  assert abs(x.mean() - m) < 5 * np.sqrt(v / x.size)
+  assert abs(x.var() - v) < 5 * v * np.sqrt(2 / x.size)
+
+
+def test_ddim_eta1_step_equals_ancestral_fixedsmall_step():
+  """Algebraically the same Gaussian: with the same noise the two samplers give the same chain."""
+  sched = sched_lib.get_schedule('linear', beta_end=0.2, num_timesteps=16)
+  denoise = lambda x_t, t: 0.3 * x_t
+  key = jax.random.key(4)
+  ddim = sampling.ddim_sample_loop(sched, denoise, (2, 4, 4, 3), key, eta=1.0)
+  ancestral = sampling.p_sample_loop(sched, denoise, (2, 4, 4, 3), key, var_type='fixedsmall')
+  np.testing.assert_allclose(ddim, ancestral, rtol=1e-4, atol=1e-5)
+
+
+def test_ddim_eta0_is_deterministic_and_reaches_the_data():
+  shape = (64, 4, 4, 1)
+  x_init = jax.random.normal(jax.random.key(0), shape)
+  run = lambda key: sampling.ddim_sample_loop(SCHED, two_point_eps, shape, key, num_steps=50, eta=0.0,
+                                              x_init=x_init)
+  a, b = run(jax.random.key(1)), run(jax.random.key(2))
+  np.testing.assert_array_equal(a, b)  # no randomness beyond x_init
+  a = np.asarray(a)
+  assert np.mean(np.abs(np.abs(a) - 0.5) < 0.05) > 0.95  # lands on the atoms in 50 steps
+  # The deterministic map sends the sign of the starting noise to the sign of the sample.
+  assert np.mean(np.sign(a) == np.sign(np.asarray(x_init))) > 0.9
+
+
+def test_respaced_ancestral_sampling_follows_the_respaced_chain():
+  betas64 = np.asarray(SCHED.betas, np.float64)
+  keep = sched_lib.space_timesteps(1000, 100)
+  short, tmap = sched_lib.respace(SCHED, keep)
+  assert short.num_timesteps == 100
+  np.testing.assert_allclose(short.alphas_cumprod, SCHED.alphas_cumprod[keep], rtol=1e-5)
+  # The wrapped network sees the original timesteps.
+  probe = sampling.remap_timesteps(lambda x, t: t, tmap)(None, jnp.array([0, 1, 99]))
+  np.testing.assert_array_equal(probe, keep[[0, 1, 99]])
+  shape = (256, 8, 8, 1)
+  for var_type in ('fixedsmall', 'fixedlarge'):
+    x = np.asarray(sampling.p_sample_loop(short, sampling.remap_timesteps(gaussian_eps, tmap), shape,
+                                          jax.random.key(3), var_type=var_type, clip_denoised=False),
+                   np.float64)
+    m, v = exact_sampler_moments(var_type, sched_lib.schedule_tables(sched_lib.respace_betas(betas64, keep)[0]))
+    assert abs(x.mean() - m) < 5 * np.sqrt(v / x.size)
+    assert abs(x.var() - v) < 5 * v * np.sqrt(2 / x.size)
+    # With 100 steps the fixed variances bracket the data variance (too small / too large).
+    assert (v < S**2) if var_type == 'fixedsmall' else (v > S**2)
