@@ -130,7 +130,8 @@ def reverse_scan(step_fn: StepFn, x_init: jax.Array, timesteps: jax.Array | Sequ
 def p_sample_loop(schedule: Schedule, denoise_fn: DenoiseFn, shape: Sequence[int], key: jax.Array, *,
                   mean_type: MeanType = 'eps', var_type: VarType = 'fixedlarge',
                   clip_denoised: bool = True, trace_every: int | None = None,
-                  x_init: jax.Array | None = None) -> jax.Array | tuple[jax.Array, SampleTrace]:
+                  x_init: jax.Array | None = None,
+                  start_t: int | None = None) -> jax.Array | tuple[jax.Array, SampleTrace]:
   """The paper's ancestral sampler: T network evaluations from pure noise to an image in [-1, 1].
 
   Args:
@@ -142,7 +143,9 @@ def p_sample_loop(schedule: Schedule, denoise_fn: DenoiseFn, shape: Sequence[int
     var_type: 'fixedlarge' (CIFAR-10 in the paper), 'fixedsmall' (LSUN, CelebA-HQ) or 'learned'.
     clip_denoised: clip x_0 estimates to [-1, 1] at every step (the original code's default).
     trace_every: if given, also return every ``trace_every``-th state and x_0 estimate (a divisor of T).
-    x_init: optional starting x_{T-1} instead of fresh noise (e.g. for interpolation figures).
+    x_init: optional starting state instead of fresh noise (e.g. for interpolation figures).
+    start_t: run the chain from x_{start_t} = x_init down to 0 (default T-1; with a smaller start_t and
+      ``x_init = q_sample(x0, start_t)`` this is noise-then-denoise reconstruction, or SDEdit).
 
   Returns:
     Samples [B, H, W, C] (not clipped or quantized), or ``(samples, SampleTrace)`` with ``trace_every``.
@@ -151,6 +154,9 @@ def p_sample_loop(schedule: Schedule, denoise_fn: DenoiseFn, shape: Sequence[int
   shape = tuple(int(s) for s in shape)
   if len(shape) < 2:
     raise ValueError(f'shape must be [B, ...] with a batch axis, got {shape}.')
+  start_t = schedule.num_timesteps - 1 if start_t is None else start_t
+  if not isinstance(start_t, int) or not 0 <= start_t < schedule.num_timesteps:
+    raise ValueError(f'start_t must be an integer in [0, {schedule.num_timesteps - 1}], got {start_t!r}.')
   noise_key, loop_key = jax.random.split(key)
   if x_init is None:
     x_init = jax.random.normal(noise_key, shape, jnp.float32)
@@ -161,7 +167,7 @@ def p_sample_loop(schedule: Schedule, denoise_fn: DenoiseFn, shape: Sequence[int
     return p_sample(schedule, denoise_fn, x, t, step_key, mean_type=mean_type, var_type=var_type,
                     clip_denoised=clip_denoised)
 
-  timesteps = jnp.arange(schedule.num_timesteps - 1, -1, -1, dtype=jnp.int32)
+  timesteps = jnp.arange(start_t, -1, -1, dtype=jnp.int32)
   return reverse_scan(step, x_init, timesteps, loop_key, trace_every=trace_every)
 
 

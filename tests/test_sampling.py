@@ -203,3 +203,19 @@ def test_respaced_ancestral_sampling_follows_the_respaced_chain():
     assert abs(x.var() - v) < 5 * v * np.sqrt(2 / x.size)
     # With 100 steps the fixed variances bracket the data variance (too small / too large).
     assert (v < S**2) if var_type == 'fixedsmall' else (v > S**2)
+
+
+def test_start_t_runs_the_tail_of_the_chain():
+  """From x_{start_t} the sampler runs exactly the steps start_t .. 0 (here replayed by hand)."""
+  sched = sched_lib.get_schedule('linear', beta_end=0.2, num_timesteps=20)
+  denoise = lambda x_t, t: 0.2 * x_t
+  x_start = jnp.ones((2, 4, 4, 1)) * 0.3
+  key = jax.random.key(9)
+  out = sampling.p_sample_loop(sched, denoise, x_start.shape, key, x_init=x_start, start_t=6)
+  keys = jax.random.split(jax.random.split(key)[1], 7)
+  x = x_start
+  for j, i in enumerate(range(6, -1, -1)):
+    x, _ = sampling.p_sample(sched, denoise, x, jnp.full((2,), i, jnp.int32), keys[j])
+  np.testing.assert_allclose(out, x, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='start_t'):
+    sampling.p_sample_loop(sched, denoise, x_start.shape, key, start_t=20)
