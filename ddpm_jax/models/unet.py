@@ -71,18 +71,18 @@ import flax.linen as nn
 import numpy as np
 
 __all__ = [
-    "UNet",
-    "unet_cifar10",
-    "unet_256",
-    "get_timestep_embedding",
-    "count_params",
-    "validate_unet_config",
-    "validate_unet_input",
-    "default_init",
-    "ResnetBlock",
-    "AttnBlock",
-    "Downsample",
-    "Upsample",
+  "UNet",
+  "unet_cifar10",
+  "unet_256",
+  "get_timestep_embedding",
+  "count_params",
+  "validate_unet_config",
+  "validate_unet_input",
+  "default_init",
+  "ResnetBlock",
+  "AttnBlock",
+  "Downsample",
+  "Upsample",
 ]
 
 # TF nn.default_init replaces scale 0 by 1e-10 (variance_scaling rejects 0).
@@ -90,552 +90,596 @@ _ZERO_SCALE = 1e-10
 
 
 def default_init(scale: float = 1.0):
-    """Kernel initializer of the TF original (``nn.default_init``).
+  """Kernel initializer of the TF original (``nn.default_init``).
 
-    ``variance_scaling(scale, 'fan_avg', 'uniform')``: U(-L, L) with
-    ``L = sqrt(3 * scale / ((fan_in + fan_out) / 2))`` and, for convs,
-    ``fan_in = kh*kw*C_in``, ``fan_out = kh*kw*C_out``. A scale of 0 is
-    replaced by 1e-10 (near-zero, not exactly zero) as in TF.
+  ``variance_scaling(scale, 'fan_avg', 'uniform')``: U(-L, L) with
+  ``L = sqrt(3 * scale / ((fan_in + fan_out) / 2))`` and, for convs,
+  ``fan_in = kh*kw*C_in``, ``fan_out = kh*kw*C_out``. A scale of 0 is
+  replaced by 1e-10 (near-zero, not exactly zero) as in TF.
 
-    Args:
-      scale: variance scale; 0 means "near-zero init".
+  Args:
+    scale: variance scale; 0 means "near-zero init".
 
-    Returns:
-      A JAX initializer ``(key, shape, dtype) -> array``.
-    """
-    scale = _ZERO_SCALE if scale == 0 else float(scale)
-    return nn.initializers.variance_scaling(scale, mode="fan_avg", distribution="uniform")
+  Returns:
+    A JAX initializer ``(key, shape, dtype) -> array``.
+  """
+  scale = _ZERO_SCALE if scale == 0 else float(scale)
+  return nn.initializers.variance_scaling(scale, mode="fan_avg", distribution="uniform")
 
 
 def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int) -> jax.Array:
-    """Sinusoidal timestep embedding (TF ``nn.get_timestep_embedding``).
+  """Sinusoidal timestep embedding (TF ``nn.get_timestep_embedding``).
 
-    ``freq_k = exp(-k * ln(10000) / (half - 1))`` for ``k = 0..half-1`` with
-    ``half = embedding_dim // 2``; ``emb = concat([sin(t*freq), cos(t*freq)])``
-    (sin first), zero-padded by one column if ``embedding_dim`` is odd.
+  ``freq_k = exp(-k * ln(10000) / (half - 1))`` for ``k = 0..half-1`` with
+  ``half = embedding_dim // 2``; ``emb = concat([sin(t*freq), cos(t*freq)])``
+  (sin first), zero-padded by one column if ``embedding_dim`` is odd.
 
-    Args:
-      timesteps: ``[B]`` integer step indices 0..T-1. They are used *unscaled*
-        (not t/T), as in the original.
-      embedding_dim: output width, >= 4 (``half - 1`` must be non-zero).
+  Args:
+    timesteps: ``[B]`` integer step indices 0..T-1. They are used *unscaled*
+      (not t/T), as in the original.
+    embedding_dim: output width, >= 4 (``half - 1`` must be non-zero).
 
-    Returns:
-      float32 array ``[B, embedding_dim]``.
+  Returns:
+    float32 array ``[B, embedding_dim]``.
 
-    Raises:
-      ValueError: if ``timesteps`` is not 1-D or ``embedding_dim < 4``.
-    """
-    if timesteps.ndim != 1:
-        raise ValueError(
-            f"timesteps must be a 1-D array [B]; got shape {tuple(timesteps.shape)}. "
-            "Pass one integer step index per example."
-        )
-    if not isinstance(embedding_dim, (int, np.integer)) or embedding_dim < 4:
-        raise ValueError(
-            f"embedding_dim must be an int >= 4 (the frequency formula divides by dim//2 - 1); "
-            f"got {embedding_dim!r}."
-        )
-    half = embedding_dim // 2
-    # float32 throughout, as TF (tf.range(..., dtype=tf.float32)).
-    log_step = math.log(10000.0) / (half - 1)
-    freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -log_step)
-    args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
-    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
-    if embedding_dim % 2 == 1:
-        emb = jnp.pad(emb, ((0, 0), (0, 1)))
-    return emb
+  Raises:
+    ValueError: if ``timesteps`` is not 1-D or ``embedding_dim < 4``.
+  """
+  if timesteps.ndim != 1:
+    raise ValueError(
+      f"timesteps must be a 1-D array [B]; got shape {tuple(timesteps.shape)}. "
+      "Pass one integer step index per example."
+    )
+  if not isinstance(embedding_dim, (int, np.integer)) or embedding_dim < 4:
+    raise ValueError(
+      f"embedding_dim must be an int >= 4 (the frequency formula divides by dim//2 - 1); "
+      f"got {embedding_dim!r}."
+    )
+  half = embedding_dim // 2
+  # float32 throughout, as TF (tf.range(..., dtype=tf.float32)).
+  log_step = math.log(10000.0) / (half - 1)
+  freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -log_step)
+  args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
+  if embedding_dim % 2 == 1:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
 
 
 def count_params(params: Any) -> int:
-    """Total number of scalar parameters in a pytree (arrays or ShapeDtypeStructs)."""
-    return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params)))
+  """Total number of scalar parameters in a pytree (arrays or ShapeDtypeStructs)."""
+  return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params)))
 
 
 # ----------------------------------------------------------------------------
 # Validation (pure Python; builds nothing)
 # ----------------------------------------------------------------------------
 
+
 def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def validate_unet_config(
-    *,
-    ch: int = 128,
-    out_ch: int = 3,
-    ch_mult: Sequence[int] = (1, 2, 2, 2),
-    num_res_blocks: int = 2,
-    attn_resolutions: Sequence[int] = (16,),
-    dropout: float = 0.0,
-    resamp_with_conv: bool = True,
-    num_groups: int = 32,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
+  *,
+  ch: int = 128,
+  out_ch: int = 3,
+  ch_mult: Sequence[int] = (1, 2, 2, 2),
+  num_res_blocks: int = 2,
+  attn_resolutions: Sequence[int] = (16,),
+  dropout: float = 0.0,
+  resamp_with_conv: bool = True,
+  num_groups: int = 32,
+  dtype: Any = jnp.float32,
+  param_dtype: Any = jnp.float32,
 ) -> None:
-    """Checks U-Net field values; raises ``ValueError`` naming the bad value and the fix.
+  """Checks U-Net field values; raises ``ValueError`` naming the bad value and the fix.
 
-    Pure Python: call it from a training-config validator without building a model.
-    Keyword names equal the :class:`UNet` fields (unknown names raise ``TypeError``
-    from Python itself; use :func:`unet_cifar10`-style constructors for a
-    ``ValueError``).
-    """
-    if not _is_int(ch) or ch < 1:
-        raise ValueError(f"ch must be a positive int; got {ch!r}.")
-    if not _is_int(out_ch) or out_ch < 1:
-        raise ValueError(f"out_ch must be a positive int (3, or 6 for learned variance); got {out_ch!r}.")
-    if isinstance(ch_mult, (str, bytes)) or not isinstance(ch_mult, Sequence) or len(ch_mult) == 0:
-        raise ValueError(
-            f"ch_mult must be a non-empty sequence of positive ints, e.g. (1, 2, 2, 2); got {ch_mult!r}."
-        )
-    if not all(_is_int(m) and m >= 1 for m in ch_mult):
-        raise ValueError(f"ch_mult entries must be positive ints; got ch_mult={tuple(ch_mult)!r}.")
-    if not _is_int(num_res_blocks) or num_res_blocks < 1:
-        raise ValueError(f"num_res_blocks must be an int >= 1; got {num_res_blocks!r}.")
-    if isinstance(attn_resolutions, (str, bytes)) or not isinstance(attn_resolutions, Sequence):
-        raise ValueError(
-            f"attn_resolutions must be a sequence of ints (may be empty), e.g. (16,); got {attn_resolutions!r}."
-        )
-    if not all(_is_int(r) and r >= 1 for r in attn_resolutions):
-        raise ValueError(
-            f"attn_resolutions entries must be positive ints (feature-map heights); got {tuple(attn_resolutions)!r}."
-        )
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.floating)) or not (0.0 <= float(dropout) < 1.0):
-        raise ValueError(f"dropout must be a float in [0, 1); got {dropout!r} (use 0.1 for CIFAR-10, 0.0 otherwise).")
-    if not isinstance(resamp_with_conv, (bool, np.bool_)):
-        raise ValueError(f"resamp_with_conv must be a bool; got {resamp_with_conv!r}.")
-    if not _is_int(num_groups) or num_groups < 1:
-        raise ValueError(f"num_groups must be a positive int (32 in the original); got {num_groups!r}.")
-    if ch < 4:
-        raise ValueError(f"ch must be >= 4 (it is also the timestep-embedding width); got ch={ch}.")
-    for name, c in [("ch", ch)] + [(f"ch*ch_mult[{i}]", ch * m) for i, m in enumerate(ch_mult)]:
-        if c % num_groups != 0:
-            raise ValueError(
-                f"GroupNorm needs channel counts divisible by num_groups={num_groups}, but {name} = {c}. "
-                f"Choose ch (and ch_mult) so that every ch*m is a multiple of num_groups, or lower num_groups."
-            )
-    for name, dt in (("dtype", dtype), ("param_dtype", param_dtype)):
-        try:
-            ok = jnp.issubdtype(jnp.dtype(dt), jnp.floating)
-        except TypeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"{name} must be a floating dtype (float32 or bfloat16); got {dt!r}.")
+  Pure Python: call it from a training-config validator without building a model.
+  Keyword names equal the :class:`UNet` fields (unknown names raise ``TypeError``
+  from Python itself; use :func:`unet_cifar10`-style constructors for a
+  ``ValueError``).
+  """
+  if not _is_int(ch) or ch < 1:
+    raise ValueError(f"ch must be a positive int; got {ch!r}.")
+  if not _is_int(out_ch) or out_ch < 1:
+    raise ValueError(f"out_ch must be a positive int (3, or 6 for learned variance); got {out_ch!r}.")
+  if isinstance(ch_mult, (str, bytes)) or not isinstance(ch_mult, Sequence) or len(ch_mult) == 0:
+    raise ValueError(
+      f"ch_mult must be a non-empty sequence of positive ints, e.g. (1, 2, 2, 2); got {ch_mult!r}."
+    )
+  if not all(_is_int(m) and m >= 1 for m in ch_mult):
+    raise ValueError(f"ch_mult entries must be positive ints; got ch_mult={tuple(ch_mult)!r}.")
+  if not _is_int(num_res_blocks) or num_res_blocks < 1:
+    raise ValueError(f"num_res_blocks must be an int >= 1; got {num_res_blocks!r}.")
+  if isinstance(attn_resolutions, (str, bytes)) or not isinstance(attn_resolutions, Sequence):
+    raise ValueError(
+      f"attn_resolutions must be a sequence of ints (may be empty), e.g. (16,); got {attn_resolutions!r}."
+    )
+  if not all(_is_int(r) and r >= 1 for r in attn_resolutions):
+    raise ValueError(
+      f"attn_resolutions entries must be positive ints (feature-map heights); got {tuple(attn_resolutions)!r}."
+    )
+  if (
+    isinstance(dropout, bool)
+    or not isinstance(dropout, (int, float, np.floating))
+    or not (0.0 <= float(dropout) < 1.0)
+  ):
+    raise ValueError(
+      f"dropout must be a float in [0, 1); got {dropout!r} (use 0.1 for CIFAR-10, 0.0 otherwise)."
+    )
+  if not isinstance(resamp_with_conv, (bool, np.bool_)):
+    raise ValueError(f"resamp_with_conv must be a bool; got {resamp_with_conv!r}.")
+  if not _is_int(num_groups) or num_groups < 1:
+    raise ValueError(f"num_groups must be a positive int (32 in the original); got {num_groups!r}.")
+  if ch < 4:
+    raise ValueError(f"ch must be >= 4 (it is also the timestep-embedding width); got ch={ch}.")
+  for name, c in [("ch", ch)] + [(f"ch*ch_mult[{i}]", ch * m) for i, m in enumerate(ch_mult)]:
+    if c % num_groups != 0:
+      raise ValueError(
+        f"GroupNorm needs channel counts divisible by num_groups={num_groups}, but {name} = {c}. "
+        f"Choose ch (and ch_mult) so that every ch*m is a multiple of num_groups, or lower num_groups."
+      )
+  for name, dt in (("dtype", dtype), ("param_dtype", param_dtype)):
+    try:
+      ok = jnp.issubdtype(jnp.dtype(dt), jnp.floating)
+    except TypeError:
+      ok = False
+    if not ok:
+      raise ValueError(f"{name} must be a floating dtype (float32 or bfloat16); got {dt!r}.")
 
 
 def validate_unet_input(
-    x_shape: Sequence[int],
-    t_shape: Optional[Sequence[int]] = None,
-    *,
-    ch_mult: Sequence[int] = (1, 2, 2, 2),
+  x_shape: Sequence[int],
+  t_shape: Optional[Sequence[int]] = None,
+  *,
+  ch_mult: Sequence[int] = (1, 2, 2, 2),
 ) -> None:
-    """Checks input shapes for a U-Net with ``len(ch_mult)`` levels.
+  """Checks input shapes for a U-Net with ``len(ch_mult)`` levels.
 
-    Pure Python (shapes only). Non-square images are allowed as long as both H
-    and W are divisible by ``2**(len(ch_mult)-1)``; note that, as in TF, the
-    attention test ``H in attn_resolutions`` looks at the height only.
+  Pure Python (shapes only). Non-square images are allowed as long as both H
+  and W are divisible by ``2**(len(ch_mult)-1)``; note that, as in TF, the
+  attention test ``H in attn_resolutions`` looks at the height only.
 
-    Args:
-      x_shape: image batch shape ``(B, H, W, C)`` (NHWC).
-      t_shape: timestep shape, must be ``(B,)``; skipped if None.
-      ch_mult: the model's channel multipliers (only its length matters).
+  Args:
+    x_shape: image batch shape ``(B, H, W, C)`` (NHWC).
+    t_shape: timestep shape, must be ``(B,)``; skipped if None.
+    ch_mult: the model's channel multipliers (only its length matters).
 
-    Raises:
-      ValueError: naming the offending shape and the fix.
-    """
-    x_shape = tuple(int(d) for d in x_shape)
-    if len(x_shape) != 4:
-        raise ValueError(
-            f"x must be a 4-D NHWC batch [B, H, W, C]; got shape {x_shape}. "
-            "Add a batch axis / put channels last."
-        )
-    b, h, w, c = x_shape
-    if b < 1 or c < 1:
-        raise ValueError(f"x must have a non-empty batch and channel axis; got shape {x_shape}.")
-    factor = 2 ** (len(ch_mult) - 1)
-    for name, size in (("height", h), ("width", w)):
-        if size < factor or size % factor != 0:
-            raise ValueError(
-                f"image {name} {size} (x shape {x_shape}) must be a positive multiple of "
-                f"2**(len(ch_mult)-1) = {factor} for ch_mult={tuple(ch_mult)}; resize/crop the "
-                f"images or use fewer levels."
-            )
-    if t_shape is not None:
-        t_shape = tuple(int(d) for d in t_shape)
-        if t_shape != (b,):
-            raise ValueError(
-                f"t must have shape [B] = ({b},) matching x's batch; got t shape {t_shape}. "
-                "Pass one integer timestep index per image."
-            )
+  Raises:
+    ValueError: naming the offending shape and the fix.
+  """
+  x_shape = tuple(int(d) for d in x_shape)
+  if len(x_shape) != 4:
+    raise ValueError(
+      f"x must be a 4-D NHWC batch [B, H, W, C]; got shape {x_shape}. Add a batch axis / put channels last."
+    )
+  b, h, w, c = x_shape
+  if b < 1 or c < 1:
+    raise ValueError(f"x must have a non-empty batch and channel axis; got shape {x_shape}.")
+  factor = 2 ** (len(ch_mult) - 1)
+  for name, size in (("height", h), ("width", w)):
+    if size < factor or size % factor != 0:
+      raise ValueError(
+        f"image {name} {size} (x shape {x_shape}) must be a positive multiple of "
+        f"2**(len(ch_mult)-1) = {factor} for ch_mult={tuple(ch_mult)}; resize/crop the "
+        f"images or use fewer levels."
+      )
+  if t_shape is not None:
+    t_shape = tuple(int(d) for d in t_shape)
+    if t_shape != (b,):
+      raise ValueError(
+        f"t must have shape [B] = ({b},) matching x's batch; got t shape {t_shape}. "
+        "Pass one integer timestep index per image."
+      )
 
 
 # ----------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------
 
+
 def _group_norm(x, num_groups: int, param_dtype, name: str, out_dtype):
-    """GroupNorm with float32 statistics (TF contrib group_norm: eps 1e-6, gamma=1, beta=0)."""
-    y = nn.GroupNorm(
-        num_groups=num_groups,
-        epsilon=1e-6,
-        dtype=jnp.float32,
-        param_dtype=param_dtype,
-        # Two-pass variance like tf.nn.moments (E[x^2]-E[x]^2 loses precision).
-        use_fast_variance=False,
-        name=name,
-    )(x.astype(jnp.float32))
-    return y.astype(out_dtype)
+  """GroupNorm with float32 statistics (TF contrib group_norm: eps 1e-6, gamma=1, beta=0)."""
+  y = nn.GroupNorm(
+    num_groups=num_groups,
+    epsilon=1e-6,
+    dtype=jnp.float32,
+    param_dtype=param_dtype,
+    # Two-pass variance like tf.nn.moments (E[x^2]-E[x]^2 loses precision).
+    use_fast_variance=False,
+    name=name,
+  )(x.astype(jnp.float32))
+  return y.astype(out_dtype)
 
 
 def _conv3x3(features: int, dtype, param_dtype, name: str, strides: int = 1, init_scale: float = 1.0):
-    # Flax 'SAME' == TF 'SAME' (pad_lo = total // 2): for stride 2 on even sizes
-    # that is 0 before / 1 after, exactly like the TF original.
-    return nn.Conv(
-        features,
-        kernel_size=(3, 3),
-        strides=(strides, strides),
-        padding="SAME",
-        kernel_init=default_init(init_scale),
-        bias_init=nn.initializers.zeros,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
+  # Flax 'SAME' == TF 'SAME' (pad_lo = total // 2): for stride 2 on even sizes
+  # that is 0 before / 1 after, exactly like the TF original.
+  return nn.Conv(
+    features,
+    kernel_size=(3, 3),
+    strides=(strides, strides),
+    padding="SAME",
+    kernel_init=default_init(init_scale),
+    bias_init=nn.initializers.zeros,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+  )
 
 
 def _nin(features: int, dtype, param_dtype, name: str, init_scale: float = 1.0):
-    # TF nn.nin is tensordot over the channel axis == Dense on the last axis.
-    return nn.Dense(
-        features,
-        kernel_init=default_init(init_scale),
-        bias_init=nn.initializers.zeros,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
+  # TF nn.nin is tensordot over the channel axis == Dense on the last axis.
+  return nn.Dense(
+    features,
+    kernel_init=default_init(init_scale),
+    bias_init=nn.initializers.zeros,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+  )
 
 
 class ResnetBlock(nn.Module):
-    """ResBlock of the TF original (``unet.resnet_block``, conv_shortcut=False).
+  """ResBlock of the TF original (``unet.resnet_block``, conv_shortcut=False).
 
-    Attributes:
-      out_ch: output channels.
-      dropout: dropout rate, applied after the second GN+swish (train only).
-    """
+  Attributes:
+    out_ch: output channels.
+    dropout: dropout rate, applied after the second GN+swish (train only).
+  """
 
-    out_ch: int
-    dropout: float = 0.0
-    num_groups: int = 32
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+  out_ch: int
+  dropout: float = 0.0
+  num_groups: int = 32
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
-        """Args: x ``[B,H,W,C_in]``, temb ``[B,E]``. Returns ``[B,H,W,out_ch]``."""
-        h = nn.swish(_group_norm(x, self.num_groups, self.param_dtype, "norm1", self.dtype))
-        h = _conv3x3(self.out_ch, self.dtype, self.param_dtype, "conv1")(h)
-        # Timestep conditioning is added after conv1 and before norm2 (TF order).
-        h = h + _nin(self.out_ch, self.dtype, self.param_dtype, "temb_proj")(nn.swish(temb))[:, None, None, :]
-        h = nn.swish(_group_norm(h, self.num_groups, self.param_dtype, "norm2", self.dtype))
-        if train and self.dropout > 0.0:
-            h = nn.Dropout(rate=self.dropout, deterministic=False)(h)
-        h = _conv3x3(self.out_ch, self.dtype, self.param_dtype, "conv2", init_scale=0.0)(h)
-        if x.shape[-1] != self.out_ch:
-            x = _nin(self.out_ch, self.dtype, self.param_dtype, "nin_shortcut")(x)
-        return x.astype(self.dtype) + h
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
+    """Args: x ``[B,H,W,C_in]``, temb ``[B,E]``. Returns ``[B,H,W,out_ch]``."""
+    h = nn.swish(_group_norm(x, self.num_groups, self.param_dtype, "norm1", self.dtype))
+    h = _conv3x3(self.out_ch, self.dtype, self.param_dtype, "conv1")(h)
+    # Timestep conditioning is added after conv1 and before norm2 (TF order).
+    h = h + _nin(self.out_ch, self.dtype, self.param_dtype, "temb_proj")(nn.swish(temb))[:, None, None, :]
+    h = nn.swish(_group_norm(h, self.num_groups, self.param_dtype, "norm2", self.dtype))
+    if train and self.dropout > 0.0:
+      h = nn.Dropout(rate=self.dropout, deterministic=False)(h)
+    h = _conv3x3(self.out_ch, self.dtype, self.param_dtype, "conv2", init_scale=0.0)(h)
+    if x.shape[-1] != self.out_ch:
+      x = _nin(self.out_ch, self.dtype, self.param_dtype, "nin_shortcut")(x)
+    return x.astype(self.dtype) + h
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all H*W positions (``unet.attn_block``)."""
+  """Single-head self-attention over all H*W positions (``unet.attn_block``)."""
 
-    num_groups: int = 32
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+  num_groups: int = 32
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Args: x ``[B,H,W,C]``. Returns ``x + proj_out(attn(GN(x)))``, same shape."""
-        B, H, W, C = x.shape
-        h = _group_norm(x, self.num_groups, self.param_dtype, "norm", self.dtype)
-        q = _nin(C, self.dtype, self.param_dtype, "q")(h)
-        k = _nin(C, self.dtype, self.param_dtype, "k")(h)
-        v = _nin(C, self.dtype, self.param_dtype, "v")(h)
-        # Logits and softmax in float32 (bf16 softmax over H*W keys is too coarse).
-        w = jnp.einsum("bhwc,bHWc->bhwHW", q, k, preferred_element_type=jnp.float32) * (float(C) ** -0.5)
-        w = jax.nn.softmax(w.reshape(B, H, W, H * W), axis=-1).reshape(B, H, W, H, W)
-        h = jnp.einsum("bhwHW,bHWc->bhwc", w.astype(self.dtype), v)
-        h = _nin(C, self.dtype, self.param_dtype, "proj_out", init_scale=0.0)(h)
-        return x.astype(self.dtype) + h
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x ``[B,H,W,C]``. Returns ``x + proj_out(attn(GN(x)))``, same shape."""
+    B, H, W, C = x.shape
+    h = _group_norm(x, self.num_groups, self.param_dtype, "norm", self.dtype)
+    q = _nin(C, self.dtype, self.param_dtype, "q")(h)
+    k = _nin(C, self.dtype, self.param_dtype, "k")(h)
+    v = _nin(C, self.dtype, self.param_dtype, "v")(h)
+    # Logits and softmax in float32 (bf16 softmax over H*W keys is too coarse).
+    w = jnp.einsum("bhwc,bHWc->bhwHW", q, k, preferred_element_type=jnp.float32) * (float(C) ** -0.5)
+    w = jax.nn.softmax(w.reshape(B, H, W, H * W), axis=-1).reshape(B, H, W, H, W)
+    h = jnp.einsum("bhwHW,bHWc->bhwc", w.astype(self.dtype), v)
+    h = _nin(C, self.dtype, self.param_dtype, "proj_out", init_scale=0.0)(h)
+    return x.astype(self.dtype) + h
 
 
 class Downsample(nn.Module):
-    """Halve H and W: 3x3 stride-2 conv (TF 'SAME') or 2x2 average pool."""
+  """Halve H and W: 3x3 stride-2 conv (TF 'SAME') or 2x2 average pool."""
 
-    with_conv: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+  with_conv: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Args: x ``[B,H,W,C]`` with even H, W. Returns ``[B,H/2,W/2,C]``."""
-        C = x.shape[-1]
-        if self.with_conv:
-            return _conv3x3(C, self.dtype, self.param_dtype, "conv", strides=2)(x)
-        return nn.avg_pool(x.astype(self.dtype), (2, 2), strides=(2, 2), padding="VALID")
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x ``[B,H,W,C]`` with even H, W. Returns ``[B,H/2,W/2,C]``."""
+    C = x.shape[-1]
+    if self.with_conv:
+      return _conv3x3(C, self.dtype, self.param_dtype, "conv", strides=2)(x)
+    return nn.avg_pool(x.astype(self.dtype), (2, 2), strides=(2, 2), padding="VALID")
 
 
 class Upsample(nn.Module):
-    """Double H and W by nearest-neighbour (pixel repetition), then optional 3x3 conv.
+  """Double H and W by nearest-neighbour (pixel repetition), then optional 3x3 conv.
 
-    TF uses ``tf.image.resize_nearest_neighbor(align_corners=True)``; for an exact
-    x2 resize that picks source index ``round(y*(n-1)/(2n-1)) = y // 2``, i.e.
-    pixel repetition.
-    """
+  TF uses ``tf.image.resize_nearest_neighbor(align_corners=True)``; for an exact
+  x2 resize that picks source index ``round(y*(n-1)/(2n-1)) = y // 2``, i.e.
+  pixel repetition.
+  """
 
-    with_conv: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+  with_conv: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Args: x ``[B,H,W,C]``. Returns ``[B,2H,2W,C]``."""
-        x = jnp.repeat(jnp.repeat(x.astype(self.dtype), 2, axis=1), 2, axis=2)
-        if self.with_conv:
-            x = _conv3x3(x.shape[-1], self.dtype, self.param_dtype, "conv")(x)
-        return x
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x ``[B,H,W,C]``. Returns ``[B,2H,2W,C]``."""
+    x = jnp.repeat(jnp.repeat(x.astype(self.dtype), 2, axis=1), 2, axis=2)
+    if self.with_conv:
+      x = _conv3x3(x.shape[-1], self.dtype, self.param_dtype, "conv")(x)
+    return x
 
 
 class _TimestepMLP(nn.Module):
-    """``temb`` scope: Dense(ch->4ch) -> swish -> Dense(4ch->4ch)."""
+  """``temb`` scope: Dense(ch->4ch) -> swish -> Dense(4ch->4ch)."""
 
-    ch: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+  ch: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, t: jax.Array) -> jax.Array:
-        emb = get_timestep_embedding(t, self.ch)
-        emb = _nin(4 * self.ch, self.dtype, self.param_dtype, "dense0")(emb)
-        emb = _nin(4 * self.ch, self.dtype, self.param_dtype, "dense1")(nn.swish(emb))
-        return emb  # no activation after dense1 (each block applies swish itself)
+  @nn.compact
+  def __call__(self, t: jax.Array) -> jax.Array:
+    emb = get_timestep_embedding(t, self.ch)
+    emb = _nin(4 * self.ch, self.dtype, self.param_dtype, "dense0")(emb)
+    emb = _nin(4 * self.ch, self.dtype, self.param_dtype, "dense1")(nn.swish(emb))
+    return emb  # no activation after dense1 (each block applies swish itself)
 
 
 class _DownLevel(nn.Module):
-    """``down_{i}`` scope: num_res_blocks x (block_j [+ attn_j]) [+ downsample]."""
+  """``down_{i}`` scope: num_res_blocks x (block_j [+ attn_j]) [+ downsample]."""
 
-    out_ch: int
-    num_res_blocks: int
-    attn_resolutions: Sequence[int]
-    dropout: float
-    resamp_with_conv: bool
-    is_last: bool
-    num_groups: int
-    dtype: Any
-    param_dtype: Any
+  out_ch: int
+  num_res_blocks: int
+  attn_resolutions: Sequence[int]
+  dropout: float
+  resamp_with_conv: bool
+  is_last: bool
+  num_groups: int
+  dtype: Any
+  param_dtype: Any
 
-    @nn.compact
-    def __call__(self, h: jax.Array, temb: jax.Array, *, train: bool) -> list:
-        """Returns the list of tensors this level appends to the skip stack ``hs``."""
-        outs = []
-        for j in range(self.num_res_blocks):
-            h = ResnetBlock(self.out_ch, self.dropout, self.num_groups, self.dtype, self.param_dtype,
-                            name=f"block_{j}")(h, temb, train=train)
-            if h.shape[1] in self.attn_resolutions:  # TF tests the height only
-                h = AttnBlock(self.num_groups, self.dtype, self.param_dtype, name=f"attn_{j}")(h)
-            outs.append(h)
-        if not self.is_last:
-            outs.append(Downsample(self.resamp_with_conv, self.dtype, self.param_dtype, name="downsample")(h))
-        return outs
+  @nn.compact
+  def __call__(self, h: jax.Array, temb: jax.Array, *, train: bool) -> list:
+    """Returns the list of tensors this level appends to the skip stack ``hs``."""
+    outs = []
+    for j in range(self.num_res_blocks):
+      h = ResnetBlock(
+        self.out_ch, self.dropout, self.num_groups, self.dtype, self.param_dtype, name=f"block_{j}"
+      )(h, temb, train=train)
+      if h.shape[1] in self.attn_resolutions:  # TF tests the height only
+        h = AttnBlock(self.num_groups, self.dtype, self.param_dtype, name=f"attn_{j}")(h)
+      outs.append(h)
+    if not self.is_last:
+      outs.append(Downsample(self.resamp_with_conv, self.dtype, self.param_dtype, name="downsample")(h))
+    return outs
 
 
 class _MidLevel(nn.Module):
-    """``mid`` scope: block_1 -> attn_1 -> block_2 (attention regardless of attn_resolutions)."""
+  """``mid`` scope: block_1 -> attn_1 -> block_2 (attention regardless of attn_resolutions)."""
 
-    dropout: float
-    num_groups: int
-    dtype: Any
-    param_dtype: Any
+  dropout: float
+  num_groups: int
+  dtype: Any
+  param_dtype: Any
 
-    @nn.compact
-    def __call__(self, h: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
-        C = h.shape[-1]
-        h = ResnetBlock(C, self.dropout, self.num_groups, self.dtype, self.param_dtype, name="block_1")(
-            h, temb, train=train)
-        h = AttnBlock(self.num_groups, self.dtype, self.param_dtype, name="attn_1")(h)
-        h = ResnetBlock(C, self.dropout, self.num_groups, self.dtype, self.param_dtype, name="block_2")(
-            h, temb, train=train)
-        return h
+  @nn.compact
+  def __call__(self, h: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
+    C = h.shape[-1]
+    h = ResnetBlock(C, self.dropout, self.num_groups, self.dtype, self.param_dtype, name="block_1")(
+      h, temb, train=train
+    )
+    h = AttnBlock(self.num_groups, self.dtype, self.param_dtype, name="attn_1")(h)
+    h = ResnetBlock(C, self.dropout, self.num_groups, self.dtype, self.param_dtype, name="block_2")(
+      h, temb, train=train
+    )
+    return h
 
 
 class _UpLevel(nn.Module):
-    """``up_{i}`` scope: (num_res_blocks+1) x (block_j on concat skip [+ attn_j]) [+ upsample]."""
+  """``up_{i}`` scope: (num_res_blocks+1) x (block_j on concat skip [+ attn_j]) [+ upsample]."""
 
-    out_ch: int
-    num_res_blocks: int
-    attn_resolutions: Sequence[int]
-    dropout: float
-    resamp_with_conv: bool
-    is_first: bool  # level 0: no upsample
-    num_groups: int
-    dtype: Any
-    param_dtype: Any
+  out_ch: int
+  num_res_blocks: int
+  attn_resolutions: Sequence[int]
+  dropout: float
+  resamp_with_conv: bool
+  is_first: bool  # level 0: no upsample
+  num_groups: int
+  dtype: Any
+  param_dtype: Any
 
-    @nn.compact
-    def __call__(self, h: jax.Array, skips: list, temb: jax.Array, *, train: bool) -> jax.Array:
-        """``skips`` are given in pop order (the most recent skip first)."""
-        assert len(skips) == self.num_res_blocks + 1
-        for j, skip in enumerate(skips):
-            h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
-            h = ResnetBlock(self.out_ch, self.dropout, self.num_groups, self.dtype, self.param_dtype,
-                            name=f"block_{j}")(h, temb, train=train)
-            if h.shape[1] in self.attn_resolutions:
-                h = AttnBlock(self.num_groups, self.dtype, self.param_dtype, name=f"attn_{j}")(h)
-        if not self.is_first:
-            h = Upsample(self.resamp_with_conv, self.dtype, self.param_dtype, name="upsample")(h)
-        return h
+  @nn.compact
+  def __call__(self, h: jax.Array, skips: list, temb: jax.Array, *, train: bool) -> jax.Array:
+    """``skips`` are given in pop order (the most recent skip first)."""
+    assert len(skips) == self.num_res_blocks + 1
+    for j, skip in enumerate(skips):
+      h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
+      h = ResnetBlock(
+        self.out_ch, self.dropout, self.num_groups, self.dtype, self.param_dtype, name=f"block_{j}"
+      )(h, temb, train=train)
+      if h.shape[1] in self.attn_resolutions:
+        h = AttnBlock(self.num_groups, self.dtype, self.param_dtype, name=f"attn_{j}")(h)
+    if not self.is_first:
+      h = Upsample(self.resamp_with_conv, self.dtype, self.param_dtype, name="upsample")(h)
+    return h
 
 
 # ----------------------------------------------------------------------------
 # The U-Net
 # ----------------------------------------------------------------------------
 
+
 class UNet(nn.Module):
-    """DDPM U-Net (TF ``unet.model``), unconditional, NHWC.
+  """DDPM U-Net (TF ``unet.model``), unconditional, NHWC.
 
-    Field values are validated at construction (``__post_init__``) and input
-    shapes at trace time in ``__call__``; both raise ``ValueError`` before any
-    XLA compilation. See the module docstring for the parameter-tree naming.
+  Field values are validated at construction (``__post_init__``) and input
+  shapes at trace time in ``__call__``; both raise ``ValueError`` before any
+  XLA compilation. See the module docstring for the parameter-tree naming.
 
-    Attributes:
-      ch: base channel count (also the timestep-embedding width).
-      out_ch: output channels (3 for eps prediction, 6 with learned variance).
-      ch_mult: per-level channel multipliers; ``len(ch_mult)`` levels.
-      num_res_blocks: ResBlocks per down level (up levels get one more).
-      attn_resolutions: feature-map heights at which attention follows each ResBlock.
-      dropout: ResBlock dropout rate (used only with ``train=True``).
-      resamp_with_conv: conv (True) or avg-pool/plain-repeat (False) resampling.
-      num_groups: GroupNorm groups.
-      dtype: computation dtype (float32 or bfloat16; a dtype or its name, e.g.
-        ``'bfloat16'``); GN statistics and the attention softmax stay float32,
-        the output is always float32.
-      param_dtype: parameter dtype (dtype or name).
+  Attributes:
+    ch: base channel count (also the timestep-embedding width).
+    out_ch: output channels (3 for eps prediction, 6 with learned variance).
+    ch_mult: per-level channel multipliers; ``len(ch_mult)`` levels.
+    num_res_blocks: ResBlocks per down level (up levels get one more).
+    attn_resolutions: feature-map heights at which attention follows each ResBlock.
+    dropout: ResBlock dropout rate (used only with ``train=True``).
+    resamp_with_conv: conv (True) or avg-pool/plain-repeat (False) resampling.
+    num_groups: GroupNorm groups.
+    dtype: computation dtype (float32 or bfloat16; a dtype or its name, e.g.
+      ``'bfloat16'``); GN statistics and the attention softmax stay float32,
+      the output is always float32.
+    param_dtype: parameter dtype (dtype or name).
+  """
+
+  ch: int = 128
+  out_ch: int = 3
+  ch_mult: Sequence[int] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (16,)
+  dropout: float = 0.0
+  resamp_with_conv: bool = True
+  num_groups: int = 32
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    self.check_config()
+    super().__post_init__()
+
+  @nn.nowrap
+  def config_fields(self) -> dict:
+    """The architecture fields as a plain dict (what :func:`validate_unet_config` takes)."""
+    return {name: getattr(self, name) for name in _UNET_FIELDS}
+
+  @nn.nowrap
+  def check_config(self) -> None:
+    """Validates field values; raises ``ValueError``. Builds nothing."""
+    validate_unet_config(**self.config_fields())
+
+  @nn.nowrap
+  def check_input_shape(self, x_shape: Sequence[int], t_shape: Optional[Sequence[int]] = None) -> None:
+    """Validates ``x``/``t`` shapes for this model; raises ``ValueError``. Builds nothing."""
+    validate_unet_input(x_shape, t_shape, ch_mult=self.ch_mult)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, *, train: bool) -> jax.Array:
+    """Predicts the model output (eps, or eps + variance logits if out_ch=6).
+
+    Args:
+      x: ``[B, H, W, C]`` float images (NHWC); H, W divisible by 2**(len(ch_mult)-1).
+      t: ``[B]`` integer timestep indices 0..T-1.
+      train: enables dropout (needs the ``'dropout'`` RNG when dropout > 0).
+
+    Returns:
+      float32 ``[B, H, W, out_ch]``.
     """
+    x = jnp.asarray(x)
+    t = jnp.asarray(t)
+    self.check_input_shape(x.shape, t.shape)  # Python-level, at trace time
+    attn_res = tuple(self.attn_resolutions)
+    num_levels = len(self.ch_mult)
+    # Accept dtype names from configs ('bfloat16') as well as dtype objects.
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    common = dict(num_groups=self.num_groups, dtype=dtype, param_dtype=param_dtype)
 
-    ch: int = 128
-    out_ch: int = 3
-    ch_mult: Sequence[int] = (1, 2, 2, 2)
-    num_res_blocks: int = 2
-    attn_resolutions: Sequence[int] = (16,)
-    dropout: float = 0.0
-    resamp_with_conv: bool = True
-    num_groups: int = 32
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    temb = _TimestepMLP(self.ch, dtype, param_dtype, name="temb")(t)
 
-    def __post_init__(self):
-        self.check_config()
-        super().__post_init__()
+    hs = [_conv3x3(self.ch, dtype, param_dtype, "conv_in")(x)]
+    for i in range(num_levels):
+      hs += _DownLevel(
+        out_ch=self.ch * self.ch_mult[i],
+        num_res_blocks=self.num_res_blocks,
+        attn_resolutions=attn_res,
+        dropout=self.dropout,
+        resamp_with_conv=self.resamp_with_conv,
+        is_last=(i == num_levels - 1),
+        name=f"down_{i}",
+        **common,
+      )(hs[-1], temb, train=train)
 
-    @nn.nowrap
-    def config_fields(self) -> dict:
-        """The architecture fields as a plain dict (what :func:`validate_unet_config` takes)."""
-        return {name: getattr(self, name) for name in _UNET_FIELDS}
+    h = _MidLevel(dropout=self.dropout, name="mid", **common)(hs[-1], temb, train=train)
 
-    @nn.nowrap
-    def check_config(self) -> None:
-        """Validates field values; raises ``ValueError``. Builds nothing."""
-        validate_unet_config(**self.config_fields())
+    for i in reversed(range(num_levels)):
+      skips = [hs.pop() for _ in range(self.num_res_blocks + 1)]
+      h = _UpLevel(
+        out_ch=self.ch * self.ch_mult[i],
+        num_res_blocks=self.num_res_blocks,
+        attn_resolutions=attn_res,
+        dropout=self.dropout,
+        resamp_with_conv=self.resamp_with_conv,
+        is_first=(i == 0),
+        name=f"up_{i}",
+        **common,
+      )(h, skips, temb, train=train)
+    assert not hs, f"{len(hs)} skip tensors left unused"
 
-    @nn.nowrap
-    def check_input_shape(self, x_shape: Sequence[int], t_shape: Optional[Sequence[int]] = None) -> None:
-        """Validates ``x``/``t`` shapes for this model; raises ``ValueError``. Builds nothing."""
-        validate_unet_input(x_shape, t_shape, ch_mult=self.ch_mult)
-
-    @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, *, train: bool) -> jax.Array:
-        """Predicts the model output (eps, or eps + variance logits if out_ch=6).
-
-        Args:
-          x: ``[B, H, W, C]`` float images (NHWC); H, W divisible by 2**(len(ch_mult)-1).
-          t: ``[B]`` integer timestep indices 0..T-1.
-          train: enables dropout (needs the ``'dropout'`` RNG when dropout > 0).
-
-        Returns:
-          float32 ``[B, H, W, out_ch]``.
-        """
-        x = jnp.asarray(x)
-        t = jnp.asarray(t)
-        self.check_input_shape(x.shape, t.shape)  # Python-level, at trace time
-        attn_res = tuple(self.attn_resolutions)
-        num_levels = len(self.ch_mult)
-        # Accept dtype names from configs ('bfloat16') as well as dtype objects.
-        dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-        common = dict(num_groups=self.num_groups, dtype=dtype, param_dtype=param_dtype)
-
-        temb = _TimestepMLP(self.ch, dtype, param_dtype, name="temb")(t)
-
-        hs = [_conv3x3(self.ch, dtype, param_dtype, "conv_in")(x)]
-        for i in range(num_levels):
-            hs += _DownLevel(
-                out_ch=self.ch * self.ch_mult[i], num_res_blocks=self.num_res_blocks,
-                attn_resolutions=attn_res, dropout=self.dropout,
-                resamp_with_conv=self.resamp_with_conv, is_last=(i == num_levels - 1),
-                name=f"down_{i}", **common,
-            )(hs[-1], temb, train=train)
-
-        h = _MidLevel(dropout=self.dropout, name="mid", **common)(hs[-1], temb, train=train)
-
-        for i in reversed(range(num_levels)):
-            skips = [hs.pop() for _ in range(self.num_res_blocks + 1)]
-            h = _UpLevel(
-                out_ch=self.ch * self.ch_mult[i], num_res_blocks=self.num_res_blocks,
-                attn_resolutions=attn_res, dropout=self.dropout,
-                resamp_with_conv=self.resamp_with_conv, is_first=(i == 0),
-                name=f"up_{i}", **common,
-            )(h, skips, temb, train=train)
-        assert not hs, f"{len(hs)} skip tensors left unused"
-
-        h = nn.swish(_group_norm(h, self.num_groups, param_dtype, "norm_out", dtype))
-        h = _conv3x3(self.out_ch, dtype, param_dtype, "conv_out", init_scale=0.0)(h)
-        return h.astype(jnp.float32)
+    h = nn.swish(_group_norm(h, self.num_groups, param_dtype, "norm_out", dtype))
+    h = _conv3x3(self.out_ch, dtype, param_dtype, "conv_out", init_scale=0.0)(h)
+    return h.astype(jnp.float32)
 
 
 _UNET_FIELDS = (
-    "ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
-    "resamp_with_conv", "num_groups", "dtype", "param_dtype",
+  "ch",
+  "out_ch",
+  "ch_mult",
+  "num_res_blocks",
+  "attn_resolutions",
+  "dropout",
+  "resamp_with_conv",
+  "num_groups",
+  "dtype",
+  "param_dtype",
 )
 
 
 def _make(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> UNet:
-    unknown = sorted(set(overrides) - set(_UNET_FIELDS))
-    if unknown:
-        raise ValueError(
-            f"unknown UNet field(s) {unknown}; valid fields are {list(_UNET_FIELDS)}."
-        )
-    fields = {**defaults, **overrides}
-    for key in ("ch_mult", "attn_resolutions"):  # hashable, comparable tuples
-        if isinstance(fields[key], list):
-            fields[key] = tuple(fields[key])
-    return UNet(**fields)
+  unknown = sorted(set(overrides) - set(_UNET_FIELDS))
+  if unknown:
+    raise ValueError(f"unknown UNet field(s) {unknown}; valid fields are {list(_UNET_FIELDS)}.")
+  fields = {**defaults, **overrides}
+  for key in ("ch_mult", "attn_resolutions"):  # hashable, comparable tuples
+    if isinstance(fields[key], list):
+      fields[key] = tuple(fields[key])
+  return UNet(**fields)
 
 
 def unet_cifar10(dropout: float = 0.1, dtype: Any = jnp.float32, **overrides) -> UNet:
-    """CIFAR-10 model of the paper (TF ``unet2d16b2``): 35,746,307 parameters.
+  """CIFAR-10 model of the paper (TF ``unet2d16b2``): 35,746,307 parameters.
 
-    ch=128, ch_mult=(1,2,2,2), num_res_blocks=2, attn_resolutions=(16,),
-    dropout=0.1. ``overrides`` may set any other :class:`UNet` field
-    (e.g. ``out_ch=6`` for learned variances); unknown names raise ``ValueError``.
-    """
-    defaults = dict(ch=128, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-                    dropout=dropout, resamp_with_conv=True, num_groups=32, dtype=dtype)
-    return _make(defaults, overrides)
+  ch=128, ch_mult=(1,2,2,2), num_res_blocks=2, attn_resolutions=(16,),
+  dropout=0.1. ``overrides`` may set any other :class:`UNet` field
+  (e.g. ``out_ch=6`` for learned variances); unknown names raise ``ValueError``.
+  """
+  defaults = dict(
+    ch=128,
+    out_ch=3,
+    ch_mult=(1, 2, 2, 2),
+    num_res_blocks=2,
+    attn_resolutions=(16,),
+    dropout=dropout,
+    resamp_with_conv=True,
+    num_groups=32,
+    dtype=dtype,
+  )
+  return _make(defaults, overrides)
 
 
 def unet_256(dropout: float = 0.0, dtype: Any = jnp.float32, **overrides) -> UNet:
-    """256x256 model (LSUN / CelebA-HQ, TF ``unet2d16b2c112244``): 113,673,219 parameters.
+  """256x256 model (LSUN / CelebA-HQ, TF ``unet2d16b2c112244``): 113,673,219 parameters.
 
-    ch=128, ch_mult=(1,1,2,2,4,4), num_res_blocks=2, attn_resolutions=(16,),
-    dropout=0.0. Space-to-depth (``block_size`` > 1) of the TF code is not supported.
-    """
-    defaults = dict(ch=128, out_ch=3, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,),
-                    dropout=dropout, resamp_with_conv=True, num_groups=32, dtype=dtype)
-    return _make(defaults, overrides)
+  ch=128, ch_mult=(1,1,2,2,4,4), num_res_blocks=2, attn_resolutions=(16,),
+  dropout=0.0. Space-to-depth (``block_size`` > 1) of the TF code is not supported.
+  """
+  defaults = dict(
+    ch=128,
+    out_ch=3,
+    ch_mult=(1, 1, 2, 2, 4, 4),
+    num_res_blocks=2,
+    attn_resolutions=(16,),
+    dropout=dropout,
+    resamp_with_conv=True,
+    num_groups=32,
+    dtype=dtype,
+  )
+  return _make(defaults, overrides)
