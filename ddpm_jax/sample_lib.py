@@ -1,0 +1,240 @@
+"""Sampling many images from a trained model: sharded, resumable, deterministic, across devices.
+
+What ``sample.py`` runs. Image ``i`` of a run is a function of ``(seed, i)`` alone: each image draws its
+noise from ``fold_in(key(seed), i)`` and the sampler is vmapped over images, so the result does not depend
+on the batch size, the number of devices, or on where an interrupted run was resumed.
+
+Output folder layout: ``samples_00000.npz``, ``samples_00001.npz``, ... each with ``images`` (uint8
+[n, H, W, C]) and ``indices`` (int64 [n]); ``grid.png`` with the first images; ``sampling.json`` with the
+settings. A shard is written to a temporary file and renamed, so a finished shard is always complete;
+rerunning the same command skips finished shards and never deletes any file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import diffusion, sampling
+from ddpm_jax import schedule as sched_lib
+from ddpm_jax.input_pipeline import to_uint8
+
+SAMPLERS = ('ancestral', 'respaced', 'ddim')
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+  """Which sampler and its settings.
+
+  Attributes:
+    name: 'ancestral' (the paper's T-step sampler), 'respaced' (ancestral on ``steps`` evenly spaced
+      timesteps) or 'ddim' (``steps`` DDIM steps with ``eta``).
+    steps: number of steps for 'respaced' and 'ddim' (default: T).
+    eta: DDIM's eta (0 = deterministic).
+    var_type: reverse variance for the ancestral samplers ('fixedlarge' or 'fixedsmall').
+    clip_denoised: clip the x_0 estimate at every step.
+    mean_type: the network's parameterization.
+  """
+
+  name: str = 'ancestral'
+  steps: int | None = None
+  eta: float = 0.0
+  var_type: str = 'fixedlarge'
+  clip_denoised: bool = True
+  mean_type: str = 'eps'
+
+  def validate(self, num_timesteps: int) -> None:
+    """Raises ValueError for an unusable combination (before anything compiles)."""
+    if self.name not in SAMPLERS:
+      raise ValueError(f'Unknown sampler {self.name!r}; choose one of {SAMPLERS}.')
+    diffusion.check_types(mean_type=self.mean_type, var_type=self.var_type)
+    if self.steps is not None and not 1 <= self.steps <= num_timesteps:
+      raise ValueError(f'steps must be in [1, {num_timesteps}], got {self.steps}.')
+    if self.name == 'ancestral' and self.steps not in (None, num_timesteps):
+      raise ValueError(f"The ancestral sampler runs all T = {num_timesteps} steps; for steps={self.steps} use "
+                       "--sampler respaced or --sampler ddim.")
+    if not 0.0 <= self.eta <= 1.0:
+      raise ValueError(f'eta must lie in [0, 1], got {self.eta}.')
+    if self.eta and self.name != 'ddim':
+      raise ValueError(f'eta={self.eta} only applies to --sampler ddim.')
+
+
+def make_image_sampler(model: Any, schedule: sched_lib.Schedule, spec: SamplerSpec,
+                       image_shape: Sequence[int]) -> Callable[[Any, jax.Array], jax.Array]:
+  """``sample_one(params, key) -> [H, W, C]``: one image in [-1, 1] (unclipped) from its own key.
+
+  Vmapping it over keys gives a batch whose images do not depend on each other's keys.
+  """
+  spec.validate(schedule.num_timesteps)
+  shape = (1,) + tuple(image_shape)
+  if spec.name == 'respaced':
+    use = sched_lib.space_timesteps(schedule.num_timesteps, spec.steps or schedule.num_timesteps)
+    run_schedule, timestep_map = sched_lib.respace(schedule, use)
+  else:
+    run_schedule, timestep_map = schedule, None
+
+  def sample_one(params, key):
+    def denoise_fn(x, t):
+      return model.apply({'params': params}, x, t, train=False)
+
+    if spec.name == 'ddim':
+      x = sampling.ddim_sample_loop(schedule, denoise_fn, shape, key, num_steps=spec.steps, eta=spec.eta,
+                                    mean_type=spec.mean_type, clip_denoised=spec.clip_denoised)
+    else:
+      if timestep_map is not None:
+        denoise_fn = sampling.remap_timesteps(denoise_fn, timestep_map)
+      x = sampling.p_sample_loop(run_schedule, denoise_fn, shape, key, mean_type=spec.mean_type,
+                                 var_type=spec.var_type, clip_denoised=spec.clip_denoised)
+    return x[0]
+
+  return sample_one
+
+
+class BatchSampler:
+  """Samples images by global index with one compiled program per batch size, over local devices.
+
+  Args:
+    model: the Linen module.
+    params: parameters (host or device pytree), usually the EMA parameters.
+    schedule: the training schedule.
+    spec: the sampler.
+    image_shape: (H, W, C).
+    seed: the run's seed.
+    devices: local devices (default all).
+  """
+
+  def __init__(self, model: Any, params: Any, schedule: sched_lib.Schedule, spec: SamplerSpec,
+               image_shape: Sequence[int], *, seed: int, devices: Sequence[Any] | None = None):
+    self.devices = list(devices or jax.local_devices())
+    self.image_shape = tuple(image_shape)
+    self._root = jax.random.key(seed)
+    sample_one = make_image_sampler(model, schedule, spec, image_shape)
+
+    def per_device(params, indices):
+      keys = jax.vmap(lambda i: jax.random.fold_in(self._root, i))(indices)
+      return jax.vmap(sample_one, in_axes=(None, 0))(params, keys)
+
+    self._fn = jax.pmap(per_device, in_axes=(0, 0), devices=self.devices)
+    self._params = flax.jax_utils.replicate(params, self.devices)
+
+  def __call__(self, indices: np.ndarray) -> np.ndarray:
+    """uint8 images [len(indices), H, W, C] for the given global indices."""
+    indices = np.asarray(indices, np.int64)
+    n_dev = len(self.devices)
+    per = math.ceil(len(indices) / n_dev)
+    padded = np.concatenate([indices, np.full(per * n_dev - len(indices), indices[-1])])
+    out = self._fn(self._params, jnp.asarray(padded.reshape(n_dev, per), jnp.uint32))
+    out = np.asarray(out).reshape((-1,) + self.image_shape)[:len(indices)]
+    return to_uint8(out)
+
+
+def shard_path(out_dir: str, shard: int) -> str:
+  return os.path.join(out_dir, f'samples_{shard:05d}.npz')
+
+
+def _shard_is_complete(path: str, expected: np.ndarray, image_shape: Sequence[int]) -> bool:
+  try:
+    with np.load(path) as f:
+      return (np.array_equal(f['indices'], expected) and f['images'].shape == (len(expected),) + tuple(image_shape)
+              and f['images'].dtype == np.uint8)
+  except Exception:  # pylint: disable=broad-except  # a truncated or foreign file: not complete
+    return False
+
+
+def load_samples(out_dir: str) -> np.ndarray:
+  """All images of a sampling folder, in index order (uint8 [N, H, W, C])."""
+  files = sorted(glob.glob(os.path.join(out_dir, 'samples_*.npz')))
+  if not files:
+    raise FileNotFoundError(f'No samples_*.npz shards in {out_dir!r}; run sample.py first.')
+  images, indices = [], []
+  for path in files:
+    with np.load(path) as f:
+      images.append(f['images'])
+      indices.append(f['indices'])
+  order = np.argsort(np.concatenate(indices), kind='stable')
+  return np.concatenate(images)[order]
+
+
+def sample_to_dir(sampler: Callable[[np.ndarray], np.ndarray], out_dir: str, *, num_samples: int,
+                  shard_size: int, image_shape: Sequence[int], settings: dict | None = None,
+                  grid_size: int = 64, progress: bool = True) -> dict:
+  """Writes ``num_samples`` images in shards of ``shard_size``, skipping shards already finished.
+
+  Args:
+    sampler: ``sampler(indices) -> uint8 [n, H, W, C]`` (e.g. a :class:`BatchSampler`).
+    out_dir: output folder (created).
+    num_samples: exactly how many images to produce.
+    shard_size: images per shard (and per sampler call).
+    image_shape: (H, W, C), to validate existing shards.
+    settings: recorded in ``sampling.json``; a resumed run with different settings is refused.
+    grid_size: images in ``grid.png`` (0 for none).
+    progress: show a tqdm bar with ETA.
+
+  Returns:
+    Summary: ``num_samples``, ``num_shards``, ``skipped_shards``, ``wall_s``, ``images_per_s``.
+  """
+  if num_samples < 1 or shard_size < 1:
+    raise ValueError(f'num_samples and shard_size must be positive, got {num_samples} and {shard_size}.')
+  os.makedirs(out_dir, exist_ok=True)
+  settings = dict(settings or {}, num_samples=num_samples, shard_size=shard_size)
+  meta_path = os.path.join(out_dir, 'sampling.json')
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      old = json.load(f)
+    if old != json.loads(json.dumps(settings)):
+      diff = {k: (old.get(k), settings.get(k)) for k in set(old) | set(settings) if old.get(k) != settings.get(k)}
+      raise ValueError(f'{out_dir!r} holds samples made with other settings {diff} (old, new); choose another '
+                       '--out folder or repeat the original settings to resume.')
+  else:
+    with open(meta_path + '.tmp', 'w') as f:
+      json.dump(settings, f, indent=2, sort_keys=True, default=str)
+    os.replace(meta_path + '.tmp', meta_path)
+
+  num_shards = math.ceil(num_samples / shard_size)
+  todo, skipped = [], 0
+  for shard in range(num_shards):
+    indices = np.arange(shard * shard_size, min((shard + 1) * shard_size, num_samples), dtype=np.int64)
+    if _shard_is_complete(shard_path(out_dir, shard), indices, image_shape):
+      skipped += 1
+    else:
+      todo.append((shard, indices))
+  if skipped:
+    logging.info('Resuming: %d of %d shards already in %s.', skipped, num_shards, out_dir)
+
+  bar = None
+  if progress and todo:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm.tqdm(total=num_samples, initial=num_samples - sum(len(i) for _, i in todo), unit='img',
+                    dynamic_ncols=True, desc='sampling')
+  t0, made = time.time(), 0
+  for shard, indices in todo:
+    images = sampler(indices)
+    path = shard_path(out_dir, shard)
+    tmp = path + '.tmp.npz'
+    np.savez(tmp, images=images, indices=indices)
+    os.replace(tmp, path)
+    made += len(indices)
+    if bar is not None:
+      bar.update(len(indices))
+  if bar is not None:
+    bar.close()
+  wall = time.time() - t0
+
+  if grid_size:
+    from ddpm_jax import image_grid  # pylint: disable=g-import-not-at-top
+    first = load_samples(out_dir)[:grid_size]
+    image_grid.save_png(os.path.join(out_dir, 'grid.png'), first, scale=max(1, 64 // first.shape[1]))
+  return dict(num_samples=num_samples, num_shards=num_shards, skipped_shards=skipped, wall_s=wall,
+              images_per_s=made / wall if made and wall > 0 else None)
