@@ -276,3 +276,30 @@ def test_extractor_batches_pads_and_compiles_once():
   with_bias = ev.make_feature_fn(variables, batch_size=3, model=model, include_fc_bias=True)(images)
   np.testing.assert_allclose(with_bias.logits, np.asarray(ref['logits']), rtol=1e-5, atol=1e-6)
   assert feats.pool.shape == (7, 6) and feats.logits.shape == (7, 5)
+
+
+def test_bpd_over_dataset_matches_calc_bpd_loop_and_ignores_batching():
+  """Dataset bits/dim equal the per-image bound, whatever the batch size and device count."""
+  from ddpm_jax import diffusion, input_pipeline
+  from ddpm_jax import schedule as sched_lib
+
+  sched = sched_lib.get_schedule('linear', beta_start=1e-3, beta_end=0.2, num_timesteps=8)
+
+  class ShrinkModel:  # a stand-in network with one parameter: eps_hat = w * x_t
+    def apply(self, variables, x, t, train):
+      del t, train
+      return variables['params']['w'] * x
+
+  model, params = ShrinkModel(), {'w': jnp.float32(0.3)}
+  images = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3)).astype(np.uint8)
+  a = ev.bpd_over_dataset(model, params, sched, [images[:2], images[2:]], seed=1, progress=False)
+  b = ev.bpd_over_dataset(model, params, sched, [images], seed=1, progress=False,
+                                  devices=jax.local_devices()[:1])
+  np.testing.assert_allclose(a.total_bpd, b.total_bpd, rtol=1e-6)
+  np.testing.assert_allclose(a.terms_bpd, b.terms_bpd, rtol=1e-5)
+  assert a.num_images == 5 and a.terms_bpd.shape == (8,)
+  x0 = input_pipeline.to_model_range(images)
+  ref = [diffusion.calc_bpd_loop(sched, lambda x, t: 0.3 * x, jnp.asarray(x0[i:i + 1]),
+                                 jax.random.fold_in(jax.random.key(1), i)).total_bpd[0] for i in range(5)]
+  np.testing.assert_allclose(a.total_bpd, np.mean(ref), rtol=1e-5)
+  np.testing.assert_allclose(a.total_bpd, a.terms_bpd.sum() + a.prior_bpd, rtol=1e-6)
