@@ -62,3 +62,24 @@ def test_rate_distortion_curves():
   rd = figures.rate_distortion(res)
   np.testing.assert_allclose(rd.rate_bpd, [0.01 + 0.875, 0.01 + 0.375, 0.01 + 0.125, 0.01])
   np.testing.assert_allclose(rd.distortion_rmse, np.sqrt([0.0, 0.01, 0.04, 0.09]) * 127.5)
+
+
+@pytest.mark.parametrize('name', figures.FIGURES)
+def test_each_figure_command_writes_its_png(tmp_path, name):
+  from PIL import Image
+
+  from ddpm_jax.models import UNet
+
+  model = UNet(ch=16, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_groups=4, out_ch=1)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), jnp.zeros((1,), jnp.int32), train=False)['params']
+  images = np.random.default_rng(0).integers(0, 256, (4, 4, 4, 1)).astype(np.uint8)
+  out = str(tmp_path / f'{name}.png')
+  info = figures.make_figure(name, model=model, params=params, schedule=SCHED, images=images, out=out,
+                             key=jax.random.key(1), sample_kwargs={}, num_images=4)
+  assert info['path'] == out
+  with Image.open(out) as im:
+    assert im.size[0] > 32 and im.size[1] > 32
+  if name == 'reconstruct':
+    assert set(info['distances']) == {'t=6', 't=10', 't=20'}
+  if name == 'rate_distortion':
+    assert info['total_bpd'] > 0
