@@ -1,0 +1,341 @@
+"""Training and evaluation data: tfds, image folders and scikit-learn's digits, as uint8 or [-1, 1] batches.
+
+This is the only module where pixel ranges change: `to_model_range` maps uint8 {0..255} to [-1, 1] exactly as
+the paper (x / 127.5 - 1) and `to_uint8` maps model outputs back.
+
+Two training paths:
+  * In memory (digits, image folders, and tfds splits with ``in_memory=True`` such as CIFAR-10): the split is
+    decoded once into a uint8 numpy array and batch ``step`` is a pure function of ``(seed, step)``: a fresh
+    permutation per epoch from ``np.random.default_rng([seed, epoch])`` and per-example flips from
+    ``default_rng([seed, step, 1])``. A resumed run therefore sees exactly the batches an uninterrupted run sees.
+  * Streaming (large tfds splits: CelebA-HQ, LSUN): ``tf.data`` with a file-shuffle, a shuffle buffer and
+    repeat. Its shuffle seed is derived from ``(seed, start_step)``, so a resumed run draws a fresh, reproducible
+    order rather than replaying the interrupted one (statistically equivalent; not bit-exact).
+
+The global batch is sliced per host (``process_index``) and then reshaped to ``[local_devices, per_device, ...]``.
+TensorFlow is imported lazily and never sees an accelerator.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+# Datasets this module knows: name -> (tfds name or None, natural channels).
+TFDS_DATASETS = {
+    'cifar10': 'cifar10',
+    'celeb_a_hq/256': 'celeb_a_hq/256',
+    'lsun/church_outdoor': 'lsun/church_outdoor',
+    'lsun/bedroom': 'lsun/bedroom',
+    'lsun/cat': 'lsun/cat',
+}
+DATASETS = tuple(TFDS_DATASETS) + ('digits', 'folder')
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Pixel ranges
+# ------------------------------------------------------------------------------------------------------------------
+
+def to_model_range(images: np.ndarray) -> np.ndarray:
+  """uint8 images {0..255} -> float32 in [-1, 1], x / 127.5 - 1 (the paper's scaling, REFERENCE §1)."""
+  if images.dtype != np.uint8:
+    raise ValueError(f'to_model_range expects uint8 images, got dtype {images.dtype}.')
+  return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def to_uint8(x) -> np.ndarray:
+  """Model-range images in [-1, 1] -> uint8, clipping then rounding (x + 1) * 127.5."""
+  x = np.asarray(x, dtype=np.float32)
+  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Sources -> uint8 arrays
+# ------------------------------------------------------------------------------------------------------------------
+
+def hide_accelerators_from_tf():
+  """Imports TensorFlow with no GPU/TPU visible to it (tf.data and summaries only); returns the module."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
+  try:
+    tf.config.set_visible_devices([], 'TPU')
+  except (ValueError, RuntimeError):
+    pass
+  return tf
+
+
+def _resize_uint8(image: np.ndarray, image_size: int, channels: int) -> np.ndarray:
+  """Center-crops to a square and resizes with PIL (bicubic; box when shrinking a lot), to [S, S, channels]."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if image.ndim == 2:
+    image = image[..., None]
+  h, w = image.shape[:2]
+  if (h, w) != (image_size, image_size):
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    image = image[top:top + s, left:left + s]
+    mode_image = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    mode_image = mode_image.resize((image_size, image_size), Image.Resampling.BICUBIC,
+                                   reducing_gap=None if s <= 2 * image_size else 2.0)
+    image = np.asarray(mode_image)
+    if image.ndim == 2:
+      image = image[..., None]
+  return _to_channels(image, channels)
+
+
+def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+  c = image.shape[-1]
+  if c == channels:
+    return image
+  if channels == 1:  # ITU-R 601 luma, as PIL 'L'.
+    grey = image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.clip(np.round(grey), 0, 255).astype(np.uint8)[..., None]
+  if channels == 3 and c == 1:
+    return np.repeat(image, 3, axis=-1)
+  if channels == 3 and c == 4:
+    return image[..., :3]
+  raise ValueError(f'Cannot convert images with {c} channels to {channels}.')
+
+
+def load_digits(image_size: int = 8) -> np.ndarray:
+  """scikit-learn's bundled 8x8 digits (1,797 images, grey levels 0..16) as uint8 [N, S, S, 1].
+
+  Levels are mapped to 0..255 with round(v * 255 / 16); for image_size > 8 images are upscaled bicubically.
+  """
+  from sklearn.datasets import load_digits as _load  # pylint: disable=g-import-not-at-top
+  raw = _load().images  # [1797, 8, 8] float64 in 0..16
+  images = np.round(raw * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  if image_size != 8:
+    images = np.stack([_resize_uint8(im, image_size, 1) for im in images])
+  return images
+
+
+def list_image_files(folder: str) -> list[str]:
+  """Sorted paths of the PNG/JPEG files under ``folder`` (recursive)."""
+  paths = []
+  for root, _, files in os.walk(folder):
+    for f in files:
+      if f.lower().endswith(IMAGE_EXTENSIONS):
+        paths.append(os.path.join(root, f))
+  return sorted(paths)
+
+
+def load_folder(folder: str, image_size: int, channels: int = 3) -> np.ndarray:
+  """Every PNG/JPEG under ``folder``, center-cropped and resized, as uint8 [N, S, S, channels]."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  paths = list_image_files(folder)
+  if not paths:
+    raise ValueError(f'No PNG/JPEG images found under {folder!r}.')
+  out = []
+  for p in paths:
+    with Image.open(p) as im:
+      im = im.convert('L' if channels == 1 else 'RGB')
+      out.append(_resize_uint8(np.asarray(im), image_size, channels))
+  return np.stack(out)
+
+
+def _tfds_dataset(name: str, split: str, data_dir: str | None, shuffle_files: bool, seed: int | None):
+  tf = hide_accelerators_from_tf()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  read_config = tfds.ReadConfig(shuffle_seed=seed) if shuffle_files else None
+  ds = tfds.load(TFDS_DATASETS[name], split=split, data_dir=data_dir or None, shuffle_files=shuffle_files,
+                 read_config=read_config)
+  return tf, ds
+
+
+def _tf_preprocess(tf, image_size: int, channels: int):
+  """tf.data map fn: uint8 image -> center-cropped, resized uint8 [S, S, channels]."""
+  def fn(example):
+    image = example['image']
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    s = tf.minimum(h, w)
+    image = tf.image.crop_to_bounding_box(image, (h - s) // 2, (w - s) // 2, s, s)
+    image = tf.cond(
+        tf.logical_and(tf.equal(s, image_size), tf.equal(s, image_size)),
+        lambda: image,
+        lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
+            image, [image_size, image_size], method='bicubic', antialias=True)), 0, 255), tf.uint8))
+    if channels == 1 and image.shape[-1] == 3:
+      image = tf.image.rgb_to_grayscale(image)
+    image = tf.ensure_shape(image, [image_size, image_size, channels])
+    return image
+  return fn
+
+
+def load_tfds_array(name: str, split: str, image_size: int, channels: int = 3,
+                    data_dir: str | None = None) -> np.ndarray:
+  """A whole tfds split decoded into host memory as uint8 [N, S, S, C] (in file order)."""
+  tf, ds = _tfds_dataset(name, split, data_dir, shuffle_files=False, seed=None)
+  ds = ds.map(_tf_preprocess(tf, image_size, channels), num_parallel_calls=tf.data.AUTOTUNE)
+  batches = [b for b in ds.batch(1024).as_numpy_iterator()]
+  return np.concatenate(batches, axis=0)
+
+
+def load_array(dataset: str, *, split: str = 'train', image_size: int, channels: int,
+               folder: str = '', data_dir: str = '') -> np.ndarray:
+  """Any known source (``DATASETS``) as an in-memory uint8 array [N, S, S, C]."""
+  if dataset == 'digits':
+    return load_digits(image_size)
+  if dataset == 'folder':
+    return load_folder(folder, image_size, channels)
+  if dataset in TFDS_DATASETS:
+    return load_tfds_array(dataset, split, image_size, channels, data_dir or None)
+  raise ValueError(f'Unknown dataset {dataset!r}; choose one of {DATASETS}.')
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training batches
+# ------------------------------------------------------------------------------------------------------------------
+
+def global_batch_indices(num_examples: int, global_batch: int, seed: int, step: int) -> np.ndarray:
+  """Example indices of global batch ``step``: epochs of seeded permutations, a pure function of (seed, step).
+
+  Args:
+    num_examples: N, the size of the in-memory split.
+    global_batch: B.
+    seed: data seed.
+    step: the optimizer step this batch feeds.
+
+  Returns:
+    int64 [B] indices; batches wrap across epoch boundaries like ``shuffle().repeat().batch()``.
+  """
+  start = step * global_batch
+  idx = np.empty(global_batch, dtype=np.int64)
+  filled = 0
+  while filled < global_batch:
+    epoch, offset = divmod(start + filled, num_examples)
+    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    take = min(global_batch - filled, num_examples - offset)
+    idx[filled:filled + take] = perm[offset:offset + take]
+    filled += take
+  return idx
+
+
+def _host_slice(global_batch: int, process_index: int, process_count: int) -> slice:
+  if global_batch % process_count:
+    raise ValueError(f'Global batch {global_batch} is not divisible by the host count {process_count}.')
+  local = global_batch // process_count
+  return slice(process_index * local, (process_index + 1) * local)
+
+
+def shard(batch: np.ndarray, num_devices: int) -> np.ndarray:
+  """[B, ...] -> [num_devices, B // num_devices, ...] (device d gets examples d*b .. d*b+b-1)."""
+  if batch.shape[0] % num_devices:
+    raise ValueError(f'Batch of {batch.shape[0]} is not divisible by {num_devices} devices.')
+  return batch.reshape((num_devices, batch.shape[0] // num_devices) + batch.shape[1:])
+
+
+def in_memory_batches(images: np.ndarray, *, global_batch: int, seed: int, start_step: int = 0,
+                      random_flip: bool = True, num_local_devices: int = 1, process_index: int = 0,
+                      process_count: int = 1) -> Iterator[np.ndarray]:
+  """Yields this host's part of every global batch from ``start_step`` on, sharded and in [-1, 1].
+
+  Args:
+    images: uint8 [N, H, W, C], the whole split.
+    global_batch: batch size over all hosts and devices.
+    seed: data seed; batch ``step`` depends only on (seed, step, global_batch).
+    start_step: the first step to yield (the step a resumed run restarts from).
+    random_flip: flip each example horizontally with probability 1/2.
+    num_local_devices: leading axis of the yielded arrays.
+    process_index: this host's index.
+    process_count: number of hosts.
+
+  Yields:
+    float32 [num_local_devices, global_batch / (process_count * num_local_devices), H, W, C] in [-1, 1].
+  """
+  host = _host_slice(global_batch, process_index, process_count)
+  step = start_step
+  while True:
+    idx = global_batch_indices(len(images), global_batch, seed, step)
+    batch = images[idx]
+    if random_flip:
+      flips = np.random.default_rng([seed, step, 1]).random(global_batch) < 0.5
+      batch = np.where(flips[:, None, None, None], batch[:, :, ::-1], batch)
+    yield shard(to_model_range(batch[host]), num_local_devices)
+    step += 1
+
+
+def tfds_stream_batches(dataset: str, *, split: str, image_size: int, channels: int, global_batch: int,
+                        seed: int, start_step: int = 0, random_flip: bool = True, shuffle_buffer: int = 10_000,
+                        data_dir: str = '', num_local_devices: int = 1, process_index: int = 0,
+                        process_count: int = 1) -> Iterator[np.ndarray]:
+  """Streams a tfds split (shuffle, repeat, per-example flips, this host's shard), sharded and in [-1, 1].
+
+  Each host reads a disjoint 1/process_count of the split (``tfds.even_splits``). Shuffle seeds are derived from
+  (seed, start_step, process_index), so a resumed run is reproducible but not a replay of the interrupted one.
+
+  Yields:
+    float32 [num_local_devices, global_batch / (process_count * num_local_devices), H, W, C] in [-1, 1].
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  local_batch = global_batch // process_count
+  host_split = tfds.even_splits(split, n=process_count)[process_index] if process_count > 1 else split
+  stream_seed = int(np.random.default_rng([seed, start_step, process_index]).integers(2**31))
+  tf, ds = _tfds_dataset(dataset, host_split, data_dir or None, shuffle_files=True, seed=stream_seed)
+  ds = ds.repeat().shuffle(shuffle_buffer, seed=stream_seed)
+  ds = ds.map(_tf_preprocess(tf, image_size, channels), num_parallel_calls=tf.data.AUTOTUNE)
+  if random_flip:
+    def flip(image, i):
+      return tf.image.stateless_random_flip_left_right(image, seed=tf.stack([tf.cast(stream_seed, tf.int64), i]))
+    ds = ds.enumerate().map(lambda i, im: flip(im, i), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  for batch in ds.as_numpy_iterator():
+    yield shard(to_model_range(batch), num_local_devices)
+
+
+def prefetch_to_device(iterator: Iterator[np.ndarray], size: int, sharding) -> Iterator:
+  """Keeps up to ``size`` sharded batches on the devices ahead of the consumer (async host-to-device copies).
+
+  Args:
+    iterator: yields host arrays [num_local_devices, b, ...].
+    size: batches in flight (0: no prefetch, arrays are placed on use).
+    sharding: a `jax.sharding.Sharding` over the leading axis (train_lib.device_sharding).
+  """
+  import collections  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  queue = collections.deque()
+  for batch in iterator:
+    queue.append(jax.device_put(batch, sharding))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Evaluation images
+# ------------------------------------------------------------------------------------------------------------------
+
+def eval_images(dataset: str, *, split: str = 'train', image_size: int, channels: int = 3, batch_size: int = 256,
+                folder: str = '', data_dir: str = '', num_images: int | None = None) -> Iterator[np.ndarray]:
+  """Yields one pass over a split (tfds, folder or digits) as uint8 [b, S, S, C] batches, unshuffled, no flips.
+
+  The last batch may be smaller. For FID reference statistics, bits/dim on the test set, etc.
+
+  Args:
+    dataset: one of ``DATASETS``.
+    split: tfds split name (ignored for 'digits' and 'folder').
+    image_size: output resolution (center crop + resize when different).
+    channels: 3 or 1.
+    batch_size: images per yielded batch.
+    folder: image folder for dataset='folder'.
+    data_dir: tfds data_dir ('' for the default).
+    num_images: stop after this many images (None: the whole split).
+  """
+  if dataset in TFDS_DATASETS:
+    tf, ds = _tfds_dataset(dataset, split, data_dir or None, shuffle_files=False, seed=None)
+    ds = ds.map(_tf_preprocess(tf, image_size, channels), num_parallel_calls=tf.data.AUTOTUNE)
+    if num_images is not None:
+      ds = ds.take(num_images)
+    yield from ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+    return
+  images = load_array(dataset, split=split, image_size=image_size, channels=channels, folder=folder,
+                      data_dir=data_dir)
+  if num_images is not None:
+    images = images[:num_images]
+  for i in range(0, len(images), batch_size):
+    yield images[i:i + batch_size]

@@ -1,0 +1,613 @@
+"""Training: config validation, train state, optimizer, the pure step, the pmap, and the loop.
+
+`train_and_evaluate(config, workdir)` is the only function here that reads a config; everything it calls takes
+explicit arguments. The step is pure: `train_step(state, batch, key) -> (state, metrics)`, with all randomness
+derived from `fold_in(key, state.step)` and each example's global index, so that
+
+  * a resumed run draws exactly the numbers an uninterrupted run draws, and
+  * the same global batch gives the same loss and update on 1 device or on 8 (up to float summation order).
+
+Gradient clipping (REFERENCE §6): the original TF code clipped each TPU replica's 16-example gradient and then
+averaged the 8 clipped gradients, which ties the result to the number of replicas. Here the default
+(`optim.clip_groups = 0`) clips the device-averaged global gradient once, like score_sde: the result does not
+depend on the hardware. `optim.clip_groups = G` reproduces the original on any hardware: the global batch is
+cut into G fixed groups of consecutive examples (G = 8 for the paper's TPU v3-8), each group's mean gradient is
+clipped, and the clipped gradients are averaged. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax import lax
+
+from ddpm_jax import checkpoint as checkpoint_lib
+from ddpm_jax import diffusion
+from ddpm_jax import image_grid
+from ddpm_jax import input_pipeline
+from ddpm_jax import sampling
+from ddpm_jax import schedule as schedule_lib
+from ddpm_jax.models import unet as unet_lib
+
+AXIS = 'batch'
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the value and the fix."""
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Config validation (pure Python: runs before anything is built or compiled)
+# ------------------------------------------------------------------------------------------------------------------
+
+def validate_config(config: ml_collections.ConfigDict, *, device_count: int | None = None,
+                    process_count: int = 1) -> None:
+  """Checks a training config; raises `ConfigError` naming the bad value and the fix.
+
+  Args:
+    config: the full training config (configs/default.py tree).
+    device_count: the global device count, or None to skip device checks.
+    process_count: the number of hosts.
+  """
+  def fail(msg):
+    raise ConfigError(msg)
+
+  d, m, o, t, s = config.data, config.model, config.optim, config.train, config.sample
+  if d.dataset not in input_pipeline.DATASETS:
+    fail(f'Unknown data.dataset={d.dataset!r}; choose one of {input_pipeline.DATASETS} '
+         "(or 'folder' with data.folder=/path/to/images).")
+  if d.dataset == 'folder':
+    if not d.folder:
+      fail("data.dataset='folder' needs data.folder: pass --config.data.folder=/path/to/images.")
+    if not os.path.isdir(d.folder):
+      fail(f'data.folder={d.folder!r} does not exist or is not a directory; pass an existing folder of images.')
+    if not input_pipeline.list_image_files(d.folder):
+      fail(f'data.folder={d.folder!r} holds no {"/".join(input_pipeline.IMAGE_EXTENSIONS)} files; '
+           'point it at a folder of PNG/JPEG images.')
+  if d.channels not in (1, 3):
+    fail(f'data.channels={d.channels!r} must be 1 (grey) or 3 (RGB).')
+  if d.dataset == 'digits' and d.channels != 1:
+    fail(f"data.dataset='digits' is greyscale: set data.channels=1 (got {d.channels}).")
+  if not isinstance(d.image_size, int) or d.image_size < 1:
+    fail(f'data.image_size={d.image_size!r} must be a positive int.')
+  if d.prefetch < 0:
+    fail(f'data.prefetch={d.prefetch!r} must be >= 0.')
+  if not d.in_memory and d.dataset not in input_pipeline.TFDS_DATASETS:
+    fail(f'data.in_memory=False streams tfds datasets only; {d.dataset!r} is always held in memory: '
+         'set data.in_memory=True.')
+
+  try:
+    unet_lib.validate_unet_config(
+        ch=m.ch, out_ch=_out_channels(d.channels, config.diffusion.var_type), ch_mult=tuple(m.ch_mult),
+        num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+        resamp_with_conv=m.resamp_with_conv, num_groups=m.num_groups, dtype=m.dtype)
+    unet_lib.validate_unet_input((1, d.image_size, d.image_size, d.channels), ch_mult=tuple(m.ch_mult))
+  except ValueError as e:
+    fail(f'model/data: {e}')
+
+  df = config.diffusion
+  if df.beta_schedule not in schedule_lib.BETA_SCHEDULES:
+    fail(f'Unknown diffusion.beta_schedule={df.beta_schedule!r}; choose one of {schedule_lib.BETA_SCHEDULES}.')
+  if not isinstance(df.num_timesteps, int) or df.num_timesteps < 1:
+    fail(f'diffusion.num_timesteps={df.num_timesteps!r} must be a positive int (paper: 1000).')
+  try:
+    diffusion.check_types(mean_type=df.mean_type, var_type=df.var_type, loss_type=df.loss_type)
+    diffusion.check_types(var_type=s.var_type)
+  except ValueError as e:
+    fail(f'diffusion/sample: {e}')
+  if (s.var_type == 'learned') != (df.var_type == 'learned'):
+    fail(f"sample.var_type={s.var_type!r} and diffusion.var_type={df.var_type!r}: a 'learned' variance must be "
+         'used for both training and sampling, or for neither.')
+
+  if not o.lr > 0:
+    fail(f'optim.lr={o.lr!r} must be positive (paper: 2e-4 for CIFAR-10, 2e-5 at 256x256).')
+  if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
+    fail(f'optim.beta1={o.beta1!r} and optim.beta2={o.beta2!r} must lie in [0, 1) (paper: 0.9, 0.999).')
+  if not o.eps > 0:
+    fail(f'optim.eps={o.eps!r} must be positive (paper: 1e-8).')
+  if o.warmup_steps < 0:
+    fail(f'optim.warmup_steps={o.warmup_steps!r} must be >= 0 (paper: 5000; 0 disables warmup).')
+  if o.grad_clip < 0:
+    fail(f'optim.grad_clip={o.grad_clip!r} must be >= 0 (paper: 1.0; 0 disables clipping).')
+  if not 0 <= o.ema_decay < 1:
+    fail(f'optim.ema_decay={o.ema_decay!r} must lie in [0, 1) (paper: 0.9999).')
+  if o.batch_size < 1:
+    fail(f'optim.batch_size={o.batch_size!r} must be positive.')
+  if o.clip_groups < 0 or (o.clip_groups and o.batch_size % o.clip_groups):
+    fail(f'optim.clip_groups={o.clip_groups!r} must be 0 or divide optim.batch_size={o.batch_size} '
+         '(the paper on a TPU v3-8: 8 groups of 16).')
+  if o.clip_groups and o.grad_clip == 0:
+    fail(f'optim.clip_groups={o.clip_groups} clips per group, but optim.grad_clip=0 disables clipping; '
+         'set optim.grad_clip > 0 or optim.clip_groups=0.')
+
+  for name in ('num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+    if t[name] < 1:
+      fail(f'train.{name}={t[name]!r} must be a positive int.')
+  if t.sample_every < 0 or t.num_samples < 0:
+    fail(f'train.sample_every={t.sample_every!r} and train.num_samples={t.num_samples!r} must be >= 0.')
+
+  if device_count is not None:
+    if o.batch_size % device_count:
+      fail(f'optim.batch_size={o.batch_size} is not divisible by the {device_count} devices; use a multiple of '
+           f'{device_count} (e.g. {device_count * max(1, o.batch_size // device_count)}).')
+    if o.batch_size % process_count:
+      fail(f'optim.batch_size={o.batch_size} is not divisible by the {process_count} hosts.')
+    if o.clip_groups and o.clip_groups % device_count:
+      fail(f'optim.clip_groups={o.clip_groups} must be a multiple of the {device_count} devices so that groups do '
+           f'not straddle devices; use {device_count * max(1, -(-o.clip_groups // device_count))} or 0.')
+    if t.num_samples % device_count:
+      fail(f'train.num_samples={t.num_samples} must be divisible by the {device_count} devices.')
+
+
+def _out_channels(channels: int, var_type: str) -> int:
+  return 2 * channels if var_type == 'learned' else channels
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# State, optimizer, step
+# ------------------------------------------------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue: a pytree of arrays.
+
+  Attributes:
+    step: int32 scalar, the number of optimizer updates applied so far.
+    params: model parameters.
+    ema_params: exponential moving average of params (what sampling uses).
+    opt_state: optax state.
+  """
+  step: Any
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def warmup_lr(lr: float, warmup_steps: int) -> optax.Schedule:
+  """The paper's schedule: lr * min(step / warmup_steps, 1), from step 0 (the first update uses lr 0)."""
+  if warmup_steps == 0:
+    return optax.constant_schedule(lr)
+  return optax.linear_schedule(init_value=0.0, end_value=lr, transition_steps=warmup_steps)
+
+
+def make_optimizer(*, lr: float, warmup_steps: int, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                   grad_clip: float = 1.0, clip_in_optimizer: bool = True) -> optax.GradientTransformation:
+  """Clip by global norm (if ``clip_in_optimizer`` and grad_clip > 0), then Adam with the warmup schedule."""
+  parts = []
+  if clip_in_optimizer and grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(grad_clip))
+  parts.append(optax.adam(warmup_lr(lr, warmup_steps), b1=beta1, b2=beta2, eps=eps))
+  return optax.chain(*parts)
+
+
+def init_params(model: Any, *, image_shape: tuple[int, int, int], key: jax.Array) -> Any:
+  """Initial model parameters on the host, from ``key``."""
+  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
+  return jax.device_get(jax.jit(lambda k: model.init({'params': k}, x, t, train=False)['params'])(key))
+
+
+def create_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+  """Step 0: the given params, EMA = params (TF's shadow starts at the initial values), fresh optimizer state."""
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params))
+  return jax.device_get(state)
+
+
+def init_state(model: Any, tx: optax.GradientTransformation, *, image_shape: tuple[int, int, int],
+               key: jax.Array) -> TrainState:
+  """Initial state on the host: `init_params` then `create_state`."""
+  return create_state(init_params(model, image_shape=image_shape, key=key), tx)
+
+
+def train_step(state: TrainState, batch: jax.Array, key: jax.Array, *, model: Any,
+               schedule: schedule_lib.Schedule, tx: optax.GradientTransformation, lr_fn: optax.Schedule,
+               ema_decay: float, mean_type: str = 'eps', var_type: str = 'fixedlarge', loss_type: str = 'mse',
+               grad_clip: float = 1.0, groups_per_device: int = 0,
+               axis_name: str = AXIS) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update on this device's part of the global batch (run under `pmap` with ``axis_name``).
+
+  Randomness: ``step_key = fold_in(key, state.step)`` is split into ``t_key``, ``noise_key``, ``dropout_key``;
+  each example's t and noise come from ``fold_in(t_key / noise_key, global_example_index)``, so they do not
+  depend on how the batch is spread over devices. Dropout masks use ``fold_in(dropout_key, device or group)``.
+
+  Args:
+    state: this device's replica of the state.
+    batch: [b, H, W, C] float32 in [-1, 1], this device's examples (global examples d*b .. d*b+b-1).
+    key: the run's training root key (the same on every device).
+    model: a Linen module called as ``model.apply({'params': p}, x, t, train=True, rngs={'dropout': k})``.
+    schedule: the forward process.
+    tx: optimizer (includes global-norm clipping unless ``groups_per_device > 0``).
+    lr_fn: the learning-rate schedule, for the metrics.
+    ema_decay: EMA decay; the first update copies the params (TF: decay 1e-10 at step 0).
+    mean_type, var_type, loss_type: passed to `diffusion.training_losses`.
+    grad_clip: clip norm for per-group clipping (only used when ``groups_per_device > 0``).
+    groups_per_device: 0 to clip in ``tx``; G/num_devices to clip each of G example groups separately.
+    axis_name: the pmap axis to average over.
+
+  Returns:
+    ``(new_state, metrics)``; metrics ``loss`` (global batch mean), ``grad_norm`` (global norm of the averaged
+    gradient before clipping; with groups, the mean of the groups' norms), ``lr`` (of this update).
+  """
+  b = batch.shape[0]
+  step_key = jax.random.fold_in(key, state.step)
+  t_key, noise_key, dropout_key = jax.random.split(step_key, 3)
+  device = lax.axis_index(axis_name)
+  dropout_key = jax.random.fold_in(dropout_key, device)
+  global_index = device * b + jnp.arange(b)
+  num_t = schedule.num_timesteps
+  t = jax.vmap(lambda i: jax.random.randint(jax.random.fold_in(t_key, i), (), 0, num_t))(global_index)
+  noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), batch.shape[1:], batch.dtype))(
+      global_index)
+
+  def loss_fn(params, x, tt, eps, rng):
+    def denoise_fn(x_t, t_in):
+      return model.apply({'params': params}, x_t, t_in, train=True, rngs={'dropout': rng})
+    losses = diffusion.training_losses(schedule, denoise_fn, x, tt, eps, mean_type=mean_type, var_type=var_type,
+                                       loss_type=loss_type)
+    return jnp.mean(losses)
+
+  grad_fn = jax.value_and_grad(loss_fn)
+  if groups_per_device:
+    g = groups_per_device
+
+    def group_grad(args):
+      x, tt, eps, i = args
+      loss, grads = grad_fn(state.params, x, tt, eps, jax.random.fold_in(dropout_key, i))
+      norm = optax.tree.norm(grads)
+      scale = jnp.minimum(1.0, grad_clip / jnp.maximum(norm, 1e-30))
+      return loss, jax.tree.map(lambda x: x * scale, grads), norm
+
+    split = lambda a: a.reshape((g, b // g) + a.shape[1:])
+    losses, grads, norms = lax.map(group_grad, (split(batch), split(t), split(noise), jnp.arange(g)))
+    loss = jnp.mean(losses)
+    grads = jax.tree.map(lambda x: jnp.mean(x, axis=0), grads)
+    grad_norm = lax.pmean(jnp.mean(norms), axis_name)
+    grads = lax.pmean(grads, axis_name)
+  else:
+    loss, grads = grad_fn(state.params, batch, t, noise, dropout_key)
+    grads = lax.pmean(grads, axis_name)
+    grad_norm = optax.tree.norm(grads)
+  loss = lax.pmean(loss, axis_name)
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = jnp.where(state.step == 0, 0.0, ema_decay).astype(jnp.float32)
+  ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
+  metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': jnp.asarray(lr_fn(state.step), jnp.float32)}
+  return new_state, metrics
+
+
+def make_p_train_step(devices=None, **step_kwargs) -> Callable:
+  """The one place `pmap` is applied to the step: state donated, the key broadcast to every device.
+
+  Args:
+    devices: local devices to run on (default: all).
+    **step_kwargs: keyword arguments of `train_step` other than state/batch/key.
+
+  Returns:
+    ``p_train_step(replicated_state, sharded_batch [D, b, H, W, C], key) -> (state, metrics [D])``.
+  """
+  return jax.pmap(functools.partial(train_step, **step_kwargs), axis_name=AXIS, in_axes=(0, 0, None),
+                  donate_argnums=(0,), devices=devices)
+
+
+def make_p_sample(model: Any, schedule: schedule_lib.Schedule, *, shape_per_device: tuple[int, ...],
+                  mean_type: str, var_type: str, clip_denoised: bool, devices=None) -> Callable:
+  """pmapped ancestral sampling: ``p_sample(replicated_params, key) -> [D, n, H, W, C]`` in [-1, 1]."""
+  def sample(params, key):
+    key = jax.random.fold_in(key, lax.axis_index(AXIS))
+
+    def denoise_fn(x_t, t):
+      return model.apply({'params': params}, x_t, t, train=False)
+    return sampling.p_sample_loop(schedule, denoise_fn, shape_per_device, key, mean_type=mean_type,
+                                  var_type=var_type, clip_denoised=clip_denoised)
+  return jax.pmap(sample, axis_name=AXIS, in_axes=(0, None), devices=devices)
+
+
+def device_sharding(devices) -> jax.sharding.NamedSharding:
+  """The sharding pmap gives its outputs; inputs placed with it do not trigger a second compilation."""
+  mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+
+def replicate(tree: Any, devices) -> Any:
+  """Copies a host pytree onto each device: leaves [D, ...], placed as pmap places its outputs."""
+  sharding = device_sharding(devices)
+  return jax.tree.map(
+      lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), sharding), tree)
+
+
+def unreplicate(tree: Any) -> Any:
+  """The first device's copy of a replicated pytree, as host numpy arrays."""
+  return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------------------------
+
+class _StopOnSignal:
+  """Turns SIGTERM/SIGINT into a flag the loop polls (a preempted TPU VM gets SIGTERM); a second signal kills."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None:  # Second signal: give up on the clean exit.
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+    self.signum = signum
+    logging.warning('Received %s: saving a checkpoint and stopping after this step.', signal.Signals(signum).name)
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def _fmt_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  d, rem = divmod(seconds, 86400)
+  h, rem = divmod(rem, 3600)
+  m, s = divmod(rem, 60)
+  return f'{d}d{h:02d}h{m:02d}m' if d else (f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s')
+
+
+def _flat(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in config.items():
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  path = os.path.join(workdir, 'config.json')
+  new = _flat(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = _flat(ml_collections.ConfigDict(json.load(f)))
+    changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+    if changed:
+      logging.warning('Config differs from the one saved in %s: %s', path,
+                      ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in sorted(changed.items())))
+      os.replace(path, os.path.join(workdir, f'config.{time.strftime("%Y%m%d-%H%M%S")}.json'))
+  checkpoint_lib.save_json(path, config.to_dict())
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) a DDPM as ``config`` says, writing everything under ``workdir``.
+
+  Writes ``workdir/config.json`` (the resolved config), ``workdir/checkpoints/<step>`` (orbax), TensorBoard
+  events in ``workdir``, and EMA sample grids ``workdir/samples/step_<step>.png``. Rerunning with the same
+  workdir resumes from the newest readable checkpoint. SIGTERM/SIGINT save a checkpoint and return early.
+
+  Args:
+    config: a configs/default.py-style config.
+    workdir: output folder.
+
+  Returns:
+    A summary dict: ``start_step``, ``final_step``, ``stopped_by_signal``, ``loss`` (mean over the last log
+    window), ``steps_per_sec``, ``wall_s``, ``checkpoint_dir``, ``last_samples`` (path or None).
+
+  Raises:
+    ConfigError: for an unusable config (before anything is built).
+    NonFiniteLossError: when the loss becomes NaN/inf (the last good checkpoint is left intact).
+  """
+  validate_config(config)
+  if config.multihost and not jax.distributed.is_initialized():
+    jax.distributed.initialize()  # Cloud TPU pods and SLURM/Open MPI clusters are detected automatically.
+  devices = jax.local_devices()
+  validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
+  workdir = os.path.abspath(workdir)
+  is_chief = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_chief:
+    _save_config(config, workdir)
+  t_wall = time.time()
+
+  d, m, df, o, t = config.data, config.model, config.diffusion, config.optim, config.train
+  image_shape = (d.image_size, d.image_size, d.channels)
+  schedule = schedule_lib.get_schedule(df.beta_schedule, beta_start=df.beta_start, beta_end=df.beta_end,
+                                       num_timesteps=df.num_timesteps)
+  model = unet_lib.UNet(ch=m.ch, out_ch=_out_channels(d.channels, df.var_type), ch_mult=tuple(m.ch_mult),
+                        num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
+                        dropout=m.dropout, resamp_with_conv=m.resamp_with_conv, num_groups=m.num_groups,
+                        dtype=jnp.dtype(m.dtype))
+  tx = make_optimizer(lr=o.lr, warmup_steps=o.warmup_steps, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
+                      grad_clip=o.grad_clip, clip_in_optimizer=o.clip_groups == 0)
+  root = jax.random.key(config.seed)
+  init_key, train_key, sample_key = (jax.random.fold_in(root, i) for i in range(3))
+  data_seed = int(jax.random.randint(jax.random.fold_in(root, 3), (), 0, 2**31 - 1))
+
+  state = init_state(model, tx, image_shape=image_shape, key=init_key)
+  logging.info('Model: %s parameters.', f'{unet_lib.count_params(state.params):,}')
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=t.keep_checkpoints)
+  restored, restored_step = ckpt.restore_latest(state)
+  if restored is not None:
+    state = restored
+    logging.info('Resuming from checkpoint step %d in %s.', restored_step, ckpt.directory)
+  start_step = int(state.step)
+  last_saved = restored_step
+
+  input_pipeline.hide_accelerators_from_tf()  # clu's TensorBoard writer imports TensorFlow.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  # TensorBoard only (the progress line is our log); other hosts write nothing.
+  writer = (metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)) if is_chief
+            else metric_writers.MultiWriter([]))
+
+  summary = {'start_step': start_step, 'final_step': start_step, 'stopped_by_signal': None, 'loss': None,
+             'steps_per_sec': None, 'wall_s': None, 'checkpoint_dir': ckpt.directory, 'last_samples': None}
+  if start_step >= t.num_steps:
+    logging.info('Checkpoint step %d already reaches train.num_steps=%d; nothing to train.', start_step,
+                 t.num_steps)
+    ckpt.close()
+    writer.close()
+    summary['wall_s'] = time.time() - t_wall
+    return summary
+
+  n_dev = len(devices)
+  common = dict(num_local_devices=n_dev, process_index=jax.process_index(), process_count=jax.process_count())
+  if d.in_memory:
+    images = input_pipeline.load_array(d.dataset, split=d.split, image_size=d.image_size, channels=d.channels,
+                                       folder=d.folder, data_dir=d.data_dir)
+    logging.info('Data: %d images of %s held in memory.', len(images), images.shape[1:])
+    batches = input_pipeline.in_memory_batches(images, global_batch=o.batch_size, seed=data_seed,
+                                               start_step=start_step, random_flip=d.random_flip, **common)
+  else:
+    batches = input_pipeline.tfds_stream_batches(
+        d.dataset, split=d.split, image_size=d.image_size, channels=d.channels, global_batch=o.batch_size,
+        seed=data_seed, start_step=start_step, random_flip=d.random_flip, shuffle_buffer=d.shuffle_buffer,
+        data_dir=d.data_dir, **common)
+  batches = input_pipeline.prefetch_to_device(batches, d.prefetch, device_sharding(devices))
+
+  p_train_step = make_p_train_step(
+      devices=devices, model=model, schedule=schedule, tx=tx, lr_fn=warmup_lr(o.lr, o.warmup_steps),
+      ema_decay=o.ema_decay, mean_type=df.mean_type, var_type=df.var_type, loss_type=df.loss_type,
+      grad_clip=o.grad_clip, groups_per_device=o.clip_groups // jax.device_count() if o.clip_groups else 0)
+  p_sample = None
+  if t.num_samples:
+    p_sample = make_p_sample(model, schedule, shape_per_device=(t.num_samples // jax.device_count(),) + image_shape,
+                             mean_type=df.mean_type, var_type=config.sample.var_type,
+                             clip_denoised=config.sample.clip_denoised, devices=devices)
+
+  def write_samples(step, rstate):
+    samples = p_sample(rstate.ema_params, jax.random.fold_in(sample_key, step))
+    samples = input_pipeline.to_uint8(np.asarray(samples).reshape((-1,) + image_shape))
+    path = None
+    if is_chief:
+      scale = max(1, 128 // d.image_size)
+      path = image_grid.save_png(os.path.join(workdir, 'samples', f'step_{step:08d}.png'), samples, scale=scale)
+      writer.write_images(step, {'ema_samples': image_grid.make_grid(samples)[None]})
+      logging.info('Wrote EMA samples to %s', path)
+    return path
+
+  rstate = replicate(state, devices)
+  del state
+  pending = []  # (step, device metrics) not yet checked for finiteness.
+  window = []
+  t_window, steps_window = time.time(), 0
+  step = start_step
+  train_t0, train_steps = None, 0
+  bar = None
+  if t.progress_bar and is_chief:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm.tqdm(total=t.num_steps, initial=start_step, unit='step', dynamic_ncols=True)
+
+  def flush():
+    """Fetches pending metrics, raising NonFiniteLossError at the first bad step."""
+    host = jax.device_get([mt for _, mt in pending])
+    for (s, _), mt in zip(pending, host):
+      loss = float(mt['loss'][0])
+      if not np.isfinite(loss):
+        ckpt.wait()
+        raise NonFiniteLossError(
+            f'Loss is {loss} at step {s} (the update from state step {s} to {s + 1}); stopping. '
+            f'The last good checkpoint (step {last_saved}) in {ckpt.directory} is intact and was not '
+            'overwritten. Lower optim.lr, keep optim.grad_clip > 0, or check the data, then rerun to resume.')
+      window.append({k: float(v[0]) for k, v in mt.items()})
+    pending.clear()
+
+  def save(step_done):
+    nonlocal last_saved
+    flush()
+    ckpt.save(step_done, unreplicate(rstate))
+    last_saved = step_done
+
+  with _StopOnSignal() as stop:
+    try:
+      for step in range(start_step, t.num_steps):
+        batch = next(batches)
+        rstate, metrics = p_train_step(rstate, batch, train_key)
+        pending.append((step, metrics))
+        done = step + 1
+        if train_t0 is None:  # Exclude compilation from the rates.
+          jax.block_until_ready(metrics)
+          train_t0 = t_window = time.time()
+        else:
+          train_steps += 1
+          steps_window += 1
+        if bar is not None:
+          bar.update(1)
+        if done % t.log_every == 0 or done == t.num_steps or stop.signum:
+          flush()
+          if window:
+            now = time.time()
+            rate = steps_window / max(now - t_window, 1e-9) if steps_window else float('nan')
+            scalars = {k: float(np.mean([w[k] for w in window])) for k in ('loss', 'grad_norm')}
+            scalars['lr'] = window[-1]['lr']
+            scalars['steps_per_sec'] = rate
+            scalars['images_per_sec'] = rate * o.batch_size
+            writer.write_scalars(done, scalars)
+            eta = (t.num_steps - done) / rate if rate == rate and rate > 0 else float('nan')
+            line = (f'step {done}/{t.num_steps} | loss {scalars["loss"]:.4f} | grad_norm '
+                    f'{scalars["grad_norm"]:.3f} | lr {scalars["lr"]:.2e} | {rate:.2f} steps/s | '
+                    f'{rate * o.batch_size:.0f} img/s | ETA {_fmt_duration(eta) if eta == eta else "?"}')
+            if bar is not None:
+              bar.set_postfix_str(line.split(' | ', 1)[1])
+            elif is_chief:
+              logging.info('%s', line)
+            summary['loss'] = scalars['loss']
+            window.clear()
+            t_window, steps_window = now, 0
+        if done % t.checkpoint_every == 0 or done == t.num_steps or stop.signum:
+          save(done)
+        if p_sample is not None and ((t.sample_every and done % t.sample_every == 0) or done == t.num_steps):
+          summary['last_samples'] = write_samples(done, rstate)
+        if stop.signum:
+          summary['stopped_by_signal'] = signal.Signals(stop.signum).name
+          break
+      summary['final_step'] = step + 1
+    finally:
+      if bar is not None:
+        bar.close()
+      ckpt.close()
+      writer.flush()
+      writer.close()
+
+  wall = time.time() - t_wall
+  rate = train_steps / (time.time() - train_t0) if train_t0 and train_steps else None
+  summary.update(steps_per_sec=rate, wall_s=wall)
+  if is_chief:
+    lines = [
+        'Training summary',
+        f'  steps        {start_step} -> {summary["final_step"]} of {t.num_steps}'
+        + (f' (stopped by {summary["stopped_by_signal"]}; rerun the same command to resume)'
+           if summary['stopped_by_signal'] else ''),
+        f'  last loss    {summary["loss"]:.4f}' if summary['loss'] is not None else '  last loss    n/a',
+        f'  speed        {rate:.2f} steps/s, {rate * o.batch_size:.0f} images/s (excl. compilation)'
+        if rate else '  speed        n/a',
+        f'  wall time    {_fmt_duration(wall)}',
+        f'  checkpoint   step {last_saved} in {ckpt.directory}',
+        f'  samples      {summary["last_samples"]}',
+        f'  tensorboard  tensorboard --logdir {workdir}',
+    ]
+    logging.info('\n%s', '\n'.join(lines))
+  return summary

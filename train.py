@@ -1,0 +1,33 @@
+"""Trains a DDPM: `python train.py --config configs/cifar10.py --workdir runs/cifar10 [--config.optim.lr=...]`.
+
+With no flags it trains the offline digits demo (configs/digits.py) into runs/digits. Rerunning with the same
+workdir resumes; SIGTERM/SIGINT save a checkpoint and exit cleanly. See docs/training.md.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file('config', os.path.join(_HERE, 'configs', 'digits.py'),
+                                'Training config file (configs/*.py).', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (default: runs/<config file name>).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Keep TensorFlow (tf.data only) off the accelerators before anything imports it.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  from ddpm_jax import train_lib  # pylint: disable=g-import-not-at-top
+  workdir = _WORKDIR.value
+  if workdir is None:
+    name = os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0]
+    workdir = os.path.join('runs', name)
+  train_lib.train_and_evaluate(flags.FLAGS.config, workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
