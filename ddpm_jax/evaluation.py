@@ -400,8 +400,8 @@ def fid_from_samples(
   """FID (and IS, if `feature_fn` returns logits) of model samples against reference statistics.
 
   Args:
-    samples: float samples in [−1, 1], [N, H, W, 3] array or an iterable of such batches; each batch is
-      quantized with `to_uint8` before Inception. The paper uses N = 50,000 (EMA weights).
+    samples: float samples in [−1, 1] or uint8 images, [N, H, W, 3] array or an iterable of such batches;
+      float batches are quantized with `to_uint8` before Inception. The paper uses N = 50,000 (EMA weights).
     feature_fn: e.g. `make_feature_fn(load_inception_params(path))`.
     reference: `ReferenceStats` or the path of a stats `.npz`.
     num_splits: IS splits (10 in the paper).
@@ -418,7 +418,9 @@ def fid_from_samples(
   have_logits = True
   batches, total = _batches(samples, chunk_size)
   for batch in tqdm(batches, total=total, desc='inception', disable=not progress):
-    pool, logits = _split(feature_fn(to_uint8(batch)))
+    batch = np.asarray(batch)
+    # uint8 batches (sample.py's shards) are already quantized; float samples in [-1, 1] are quantized here.
+    pool, logits = _split(feature_fn(batch if batch.dtype == np.uint8 else to_uint8(batch)))
     acc.update(pool)
     if logits is None:
       have_logits = False
@@ -520,3 +522,73 @@ def bpd_over_dataset(model: Any, params: Any, schedule: Any, batches: Iterable[n
     raise ValueError('bpd_over_dataset got no images.')
   return BpdSummary(total_bpd=total / count, num_images=count, terms_bpd=terms / count, prior_bpd=prior / count,
                     mse=mse / count)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The evaluate.py command
+
+
+def run_fid(*, samples_dir: str, inception_weights: str, ref_stats: str, ref_dataset: str = 'cifar10',
+            ref_split: str = 'train', ref_folder: str = '', data_dir: str = '', batch_size: int = 200,
+            num_splits: int = 10, progress: bool = True) -> dict[str, float]:
+  """FID and IS of a ``sample.py`` folder against cached (or freshly computed) reference statistics.
+
+  The paper's protocol: 50,000 EMA samples against all 50,000 CIFAR-10 training images, IS over 10 splits.
+
+  Args:
+    samples_dir: folder of ``samples_*.npz`` shards.
+    inception_weights: the FID Inception weights (``.npz`` of ours, or pytorch-fid's ``.pth``).
+    ref_stats: ``.npz`` of reference statistics; computed from ``ref_dataset``/``ref_split`` (or
+      ``ref_folder``) and written there if missing.
+    ref_dataset, ref_split, ref_folder, data_dir: where the reference images come from.
+    batch_size: Inception batch size.
+    num_splits: IS splits.
+    progress: show progress bars.
+
+  Returns:
+    {'fid', 'inception_score', 'inception_score_std', 'num_samples', 'num_reference_images'}.
+  """
+  from ddpm_jax import input_pipeline, sample_lib  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isfile(inception_weights):
+    raise FileNotFoundError(
+        f'Inception weights {inception_weights!r} not found. Download pytorch-fid\'s '
+        f'pt_inception-2015-12-05-6726825d.pth (see ddpm_jax.inception.fetch_inception_weights) and pass its path.')
+  samples = sample_lib.load_samples(samples_dir)
+  if samples.shape[-1] != 3:
+    raise ValueError(f'FID needs RGB samples; {samples_dir!r} holds images of shape {samples.shape[1:]}.')
+  feature_fn = make_feature_fn(inception_lib.load_inception_params(inception_weights), batch_size)
+  if not os.path.exists(ref_stats):
+    dataset = 'folder' if ref_folder else ref_dataset
+    batches = input_pipeline.eval_images(dataset, split=ref_split, image_size=samples.shape[1], channels=3,
+                                         batch_size=batch_size, folder=ref_folder, data_dir=data_dir)
+    source = f'folder:{ref_folder}' if ref_folder else f'tfds:{ref_dataset}/{ref_split}'
+    reference = reference_stats_from_images(batches, feature_fn, ref_stats, meta={'source': source},
+                                            progress=progress)
+  else:
+    reference = load_reference_stats(ref_stats)
+  result = fid_from_samples(samples, feature_fn, reference, num_splits=num_splits, progress=progress)
+  result['num_reference_images'] = float(reference.num_images)
+  return result
+
+
+def run_bpd(*, workdir: str | None, pretrained: str | None, dataset: str, split: str = 'test', step: int | None = None,
+            folder: str = '', data_dir: str = '', batch_size: int = 200, num_images: int | None = None,
+            seed: int = 0, progress: bool = True) -> dict[str, Any]:
+  """Bits/dim of a data split under a run's EMA weights (or a released model): the paper's NLL.
+
+  Returns:
+    {'bpd', 'num_images', 'prior_bpd', 'decoder_bpd', 'terms_bpd' (list of T), 'mse' (list of T), 'source'}.
+  """
+  from ddpm_jax import input_pipeline, sample_lib  # pylint: disable=g-import-not-at-top
+
+  loaded = sample_lib.load_model(workdir=workdir, pretrained=pretrained, step=step)
+  batches = input_pipeline.eval_images(dataset, split=split, image_size=loaded.image_size,
+                                       channels=loaded.in_channels, batch_size=batch_size, folder=folder,
+                                       data_dir=data_dir, num_images=num_images)
+  summary = bpd_over_dataset(loaded.model, loaded.params, loaded.schedule, batches, seed=seed,
+                             mean_type=loaded.mean_type, var_type=loaded.var_type, clip_denoised=True,
+                             num_images=num_images, progress=progress)
+  return dict(bpd=summary.total_bpd, num_images=summary.num_images, prior_bpd=summary.prior_bpd,
+              decoder_bpd=float(summary.terms_bpd[0]), terms_bpd=summary.terms_bpd.tolist(),
+              mse=summary.mse.tolist(), source=loaded.source)

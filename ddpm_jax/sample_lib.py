@@ -238,3 +238,98 @@ def sample_to_dir(sampler: Callable[[np.ndarray], np.ndarray], out_dir: str, *, 
     image_grid.save_png(os.path.join(out_dir, 'grid.png'), first, scale=max(1, 64 // first.shape[1]))
   return dict(num_samples=num_samples, num_shards=num_shards, skipped_shards=skipped, wall_s=wall,
               images_per_s=made / wall if made and wall > 0 else None)
+
+
+def load_workdir(workdir: str, step: int | None = None):
+  """The EMA parameters and settings of a training run, as a :class:`ddpm_jax.pretrained.Pretrained`.
+
+  Args:
+    workdir: a ``train.py`` workdir (holds ``config.json`` and ``checkpoints/``).
+    step: checkpoint step (default: the newest readable one).
+
+  Returns:
+    A ``Pretrained`` whose ``params`` are the run's EMA parameters.
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import pretrained as pretrained_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import train_lib  # pylint: disable=g-import-not-at-top
+
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f'{config_path!r} not found: --workdir must be a train.py workdir.')
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  model = train_lib.build_model(config)
+  target = train_lib.abstract_state(config, model)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=None)
+  try:
+    if step is None:
+      state, step = ckpt.restore_latest(target)
+      if state is None:
+        raise FileNotFoundError(f'No readable checkpoint in {ckpt.directory!r}.')
+    else:
+      if step not in ckpt.all_steps():
+        raise FileNotFoundError(f'No checkpoint step {step} in {ckpt.directory!r}; there are {ckpt.all_steps()}.')
+      state = ckpt.restore(step, target)
+  finally:
+    ckpt.close()
+  d, df = config.data, config.diffusion
+  return pretrained_lib.Pretrained(
+      model=model, params=state.ema_params, schedule=train_lib.build_schedule(config),
+      # A learned variance is part of the network; otherwise sampling uses the config's sample.var_type.
+      var_type='learned' if df.var_type == 'learned' else config.sample.var_type,
+      clip_denoised=config.sample.clip_denoised, mean_type=df.mean_type, image_size=d.image_size,
+      in_channels=d.channels, source=f'{workdir} step {step} (EMA parameters)')
+
+
+def load_model(*, workdir: str | None = None, pretrained: str | None = None, step: int | None = None):
+  """A model to sample from or evaluate: a training run's EMA weights or a released model.
+
+  Args:
+    workdir: a ``train.py`` workdir (exclusive with ``pretrained``).
+    pretrained: a diffusers folder or hub id, or a TF checkpoint prefix (see ``ddpm_jax.pretrained``).
+    step: checkpoint step of ``workdir`` (default: the newest readable one).
+
+  Returns:
+    A :class:`ddpm_jax.pretrained.Pretrained`.
+  """
+  if (workdir is None) == (pretrained is None):
+    raise ValueError('Pass exactly one of --workdir (a training run) and --pretrained (a released model).')
+  if workdir is not None:
+    return load_workdir(workdir, step)
+  if step is not None:
+    raise ValueError('--step applies to --workdir checkpoints only.')
+  from ddpm_jax import pretrained as pretrained_lib  # pylint: disable=g-import-not-at-top
+  return pretrained_lib.load_pretrained(pretrained)
+
+
+def run(*, workdir: str | None, pretrained: str | None, out_dir: str, num_samples: int, batch_size: int = 256,
+        seed: int = 0, step: int | None = None, sampler: str = 'ancestral', steps: int | None = None,
+        eta: float = 0.0, var_type: str | None = None, clip_denoised: bool | None = None, grid_size: int = 64,
+        progress: bool = True) -> dict:
+  """What ``sample.py`` does: load a model, validate the request, then :func:`sample_to_dir`.
+
+  Every argument is checked before anything compiles. See ``sample.py`` for their meaning.
+  """
+  if (workdir is None) == (pretrained is None):
+    raise ValueError('Pass exactly one of --workdir (a training run) and --pretrained (a released model).')
+  if not out_dir:
+    raise ValueError('--out is required: the folder to write samples into.')
+  if num_samples < 1 or batch_size < 1:
+    raise ValueError(f'--num_samples and --batch_size must be positive, got {num_samples} and {batch_size}.')
+  if sampler not in SAMPLERS:
+    raise ValueError(f'Unknown sampler {sampler!r}; choose one of {SAMPLERS}.')
+  loaded = load_model(workdir=workdir, pretrained=pretrained, step=step)
+  # The model's own settings unless overridden; validated before anything compiles.
+  spec = SamplerSpec(name=sampler, steps=steps, eta=eta, var_type=var_type or loaded.var_type,
+                     mean_type=loaded.mean_type,
+                     clip_denoised=loaded.clip_denoised if clip_denoised is None else clip_denoised)
+  spec.validate(loaded.schedule.num_timesteps)
+  image_shape = (loaded.image_size, loaded.image_size, loaded.in_channels)
+  logging.info('Sampling %d images from %s with %s.', num_samples, loaded.source, spec)
+  batch_sampler = BatchSampler(loaded.model, loaded.params, loaded.schedule, spec, image_shape, seed=seed)
+  settings = dict(source=loaded.source, seed=seed, sampler=dataclasses.asdict(spec), image_shape=list(image_shape))
+  summary = sample_to_dir(batch_sampler, out_dir, num_samples=num_samples, shard_size=batch_size,
+                          image_shape=image_shape, settings=settings, grid_size=grid_size, progress=progress)
+  return dict(summary, out_dir=out_dir)
