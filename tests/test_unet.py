@@ -488,3 +488,32 @@ def test_call_validates_at_trace_time():
   x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
   with pytest.raises(ValueError, match=r"\(5,\)"):
     jax.eval_shape(lambda x, t: m.init(key, x, t, train=False), x, jax.ShapeDtypeStruct((5,), jnp.int32))
+
+
+def test_remat_keeps_tree_and_outputs(tiny):
+  """remat=True: same parameter tree, same outputs, same gradients (only the backward's memory changes)."""
+  x, t, key = tiny["x"], tiny["t"], jax.random.PRNGKey(0)
+  p = _randomize(tiny["params"])
+  remat = UNet(dropout=0.1, remat=True, **TINY)
+  remat_shapes = _shapes(remat, x, t, train=False)
+  sig = lambda tree: jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), tree)
+  assert sig(remat_shapes) == sig(_shapes(tiny["model"], x, t, train=False))
+  assert count_params(remat_shapes) == count_params(tiny["params"])
+  assert count_params(_shapes(unet_cifar10(remat=True), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32),
+                              train=False)) == 35_746_307
+  # Same initial values from the same key.
+  init = _fast_jit(lambda k: remat.init(k, x, t, train=False), key)(key)["params"]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, init, tiny["params"])
+  fwd = _fast_jit(lambda p, x, t: remat.apply({"params": p}, x, t, train=False), p, x, t)
+  np.testing.assert_array_equal(np.asarray(fwd(p, x, t)), np.asarray(tiny["fwd_eval"](p, x, t)))
+
+  def loss(model):
+    return lambda p, r: jnp.mean(model.apply({"params": p}, x, t, train=True, rngs={"dropout": r}) ** 2)
+
+  g_remat = _fast_jit(jax.value_and_grad(loss(remat)), p, key)(p, key)
+  g_plain = _fast_jit(jax.value_and_grad(loss(tiny["model"])), p, key)(p, key)
+  np.testing.assert_allclose(np.asarray(g_remat[0]), np.asarray(g_plain[0]), rtol=1e-6)  # same dropout masks
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_remat[1], g_plain[1])
+  assert UNet(remat=True, **TINY).config_fields()["remat"] is True
+  with pytest.raises(ValueError, match="remat"):
+    UNet(remat="yes", **TINY)

@@ -172,6 +172,7 @@ def validate_unet_config(
   num_groups: int = 32,
   dtype: Any = jnp.float32,
   param_dtype: Any = jnp.float32,
+  remat: bool = False,
 ) -> None:
   """Checks U-Net field values; raises ``ValueError`` naming the bad value and the fix.
 
@@ -210,6 +211,8 @@ def validate_unet_config(
     )
   if not isinstance(resamp_with_conv, (bool, np.bool_)):
     raise ValueError(f"resamp_with_conv must be a bool; got {resamp_with_conv!r}.")
+  if not isinstance(remat, (bool, np.bool_)):
+    raise ValueError(f"remat must be a bool; got {remat!r}.")
   if not _is_int(num_groups) or num_groups < 1:
     raise ValueError(f"num_groups must be a positive int (32 in the original); got {num_groups!r}.")
   if ch < 4:
@@ -336,8 +339,11 @@ class ResnetBlock(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
-    """Args: x ``[B,H,W,C_in]``, temb ``[B,E]``. Returns ``[B,H,W,out_ch]``."""
+  def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
+    """Args: x ``[B,H,W,C_in]``, temb ``[B,E]``. Returns ``[B,H,W,out_ch]``.
+
+    ``train`` may be passed by position: the rematerialized block marks it static.
+    """
     h = nn.swish(_group_norm(x, self.num_groups, self.param_dtype, "norm1", self.dtype))
     h = _conv3x3(self.out_ch, self.dtype, self.param_dtype, "conv1")(h)
     # Timestep conditioning is added after conv1 and before norm2 (TF order).
@@ -411,6 +417,19 @@ class Upsample(nn.Module):
     return x
 
 
+def _blocks(remat: bool):
+  """(ResBlock class, attention class), wrapped in ``nn.remat`` when ``remat``.
+
+  Remat keeps only each block's inputs for the backward pass and recomputes the
+  rest, trading about one extra forward pass for activation memory. The wrapper
+  adds no scope, so the parameter tree is unchanged.
+  """
+  if not remat:
+    return ResnetBlock, AttnBlock
+  # static_argnums counts self: (self, x, temb, train) -> train is 3.
+  return nn.remat(ResnetBlock, static_argnums=(3,)), nn.remat(AttnBlock)
+
+
 class _TimestepMLP(nn.Module):
   """``temb`` scope: Dense(ch->4ch) -> swish -> Dense(4ch->4ch)."""
 
@@ -438,17 +457,19 @@ class _DownLevel(nn.Module):
   num_groups: int
   dtype: Any
   param_dtype: Any
+  remat: bool = False
 
   @nn.compact
   def __call__(self, h: jax.Array, temb: jax.Array, *, train: bool) -> list:
     """Returns the list of tensors this level appends to the skip stack ``hs``."""
+    res_cls, attn_cls = _blocks(self.remat)
     outs = []
     for j in range(self.num_res_blocks):
-      h = ResnetBlock(
+      h = res_cls(
         self.out_ch, self.dropout, self.num_groups, self.dtype, self.param_dtype, name=f"block_{j}"
-      )(h, temb, train=train)
+      )(h, temb, train)
       if h.shape[1] in self.attn_resolutions:  # TF tests the height only
-        h = AttnBlock(self.num_groups, self.dtype, self.param_dtype, name=f"attn_{j}")(h)
+        h = attn_cls(self.num_groups, self.dtype, self.param_dtype, name=f"attn_{j}")(h)
       outs.append(h)
     if not self.is_last:
       outs.append(Downsample(self.resamp_with_conv, self.dtype, self.param_dtype, name="downsample")(h))
@@ -462,16 +483,18 @@ class _MidLevel(nn.Module):
   num_groups: int
   dtype: Any
   param_dtype: Any
+  remat: bool = False
 
   @nn.compact
   def __call__(self, h: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
     C = h.shape[-1]
-    h = ResnetBlock(C, self.dropout, self.num_groups, self.dtype, self.param_dtype, name="block_1")(
-      h, temb, train=train
+    res_cls, attn_cls = _blocks(self.remat)
+    h = res_cls(C, self.dropout, self.num_groups, self.dtype, self.param_dtype, name="block_1")(
+      h, temb, train
     )
-    h = AttnBlock(self.num_groups, self.dtype, self.param_dtype, name="attn_1")(h)
-    h = ResnetBlock(C, self.dropout, self.num_groups, self.dtype, self.param_dtype, name="block_2")(
-      h, temb, train=train
+    h = attn_cls(self.num_groups, self.dtype, self.param_dtype, name="attn_1")(h)
+    h = res_cls(C, self.dropout, self.num_groups, self.dtype, self.param_dtype, name="block_2")(
+      h, temb, train
     )
     return h
 
@@ -488,18 +511,20 @@ class _UpLevel(nn.Module):
   num_groups: int
   dtype: Any
   param_dtype: Any
+  remat: bool = False
 
   @nn.compact
   def __call__(self, h: jax.Array, skips: list, temb: jax.Array, *, train: bool) -> jax.Array:
     """``skips`` are given in pop order (the most recent skip first)."""
     assert len(skips) == self.num_res_blocks + 1
+    res_cls, attn_cls = _blocks(self.remat)
     for j, skip in enumerate(skips):
       h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
-      h = ResnetBlock(
+      h = res_cls(
         self.out_ch, self.dropout, self.num_groups, self.dtype, self.param_dtype, name=f"block_{j}"
-      )(h, temb, train=train)
+      )(h, temb, train)
       if h.shape[1] in self.attn_resolutions:
-        h = AttnBlock(self.num_groups, self.dtype, self.param_dtype, name=f"attn_{j}")(h)
+        h = attn_cls(self.num_groups, self.dtype, self.param_dtype, name=f"attn_{j}")(h)
     if not self.is_first:
       h = Upsample(self.resamp_with_conv, self.dtype, self.param_dtype, name="upsample")(h)
     return h
@@ -530,6 +555,9 @@ class UNet(nn.Module):
       ``'bfloat16'``); GN statistics and the attention softmax stay float32,
       the output is always float32.
     param_dtype: parameter dtype (dtype or name).
+    remat: rematerialize each ResBlock and attention block in the backward
+      pass (less activation memory, about one extra forward pass); the
+      parameter tree and outputs are unchanged.
   """
 
   ch: int = 128
@@ -542,6 +570,7 @@ class UNet(nn.Module):
   num_groups: int = 32
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: bool = False
 
   def __post_init__(self):
     self.check_config()
@@ -581,7 +610,7 @@ class UNet(nn.Module):
     num_levels = len(self.ch_mult)
     # Accept dtype names from configs ('bfloat16') as well as dtype objects.
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    common = dict(num_groups=self.num_groups, dtype=dtype, param_dtype=param_dtype)
+    common = dict(num_groups=self.num_groups, dtype=dtype, param_dtype=param_dtype, remat=bool(self.remat))
 
     temb = _TimestepMLP(self.ch, dtype, param_dtype, name="temb")(t)
 
@@ -630,6 +659,7 @@ _UNET_FIELDS = (
   "num_groups",
   "dtype",
   "param_dtype",
+  "remat",
 )
 
 

@@ -1,0 +1,481 @@
+"""Throughput, compile time and peak memory of ddpm_jax against the PyTorch peer (diffusers), side by side.
+
+For the paper's CIFAR-10 U-Net (35,746,307 parameters) this measures, in one process:
+
+* training: images/s for one full update (forward + MSE to the noise + backward + clip + Adam + EMA) at
+  ``--batch``. JAX runs the project's own step (`train_lib.make_p_train_step`, state donated) on one device;
+  with ``--steps_per_call k`` it runs k such steps per compiled call (`make_multi_step`, a `lax.scan`).
+  The peer is diffusers' `UNet2DModel` with the same architecture and weights (`pretrained.diffusers_config` /
+  `to_diffusers_state_dict`), train mode (dropout 0.1), torch Adam(2e-4), global-norm clipping at 1 and an
+  EMA lerp under `torch.no_grad`.
+* sampling: image-steps/s of the ancestral sampler (fixedlarge variance, clipped x0) at ``--batch``.
+  ``--sample_steps n`` reverse steps are timed and the seconds for 256 images x 1000 steps are extrapolated
+  (256 / batch x 1000 / n). JAX runs `sampling.p_sample_loop` (one `lax.scan`, compiled once per shape);
+  the peer runs `UNet2DModel` in eval/no_grad + `DDPMScheduler.step` (fixed_large, clip_sample).
+* compile seconds (JAX: first call minus one steady call; torch: first (warm-up) call minus one steady call),
+  and peak memory (GPU: the allocator's peak; CPU: the process peak RSS during the phase minus the RSS at its
+  start, from /proc/self/status VmHWM after resetting it through /proc/self/clear_refs).
+
+Every timing excludes warm-up, waits for the device (`block_until_ready` / `torch.cuda.synchronize`) and is the
+median of the timed repeats. Example (the CPU numbers in BENCHMARKS.md)::
+
+  python benchmarks/bench.py --batch 32 --train_steps 3 --sample_steps 4 --impl jax,torch --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax import lax
+
+# Run as a script from a checkout: make the repository root importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ddpm_jax import pretrained
+from ddpm_jax import sampling
+from ddpm_jax import schedule as schedule_lib
+from ddpm_jax import train_lib
+from ddpm_jax.models import unet as unet_lib
+
+IMAGE_SHAPE = (32, 32, 3)
+LR = 2e-4
+EMA_DECAY = 0.9999
+GRAD_CLIP = 1.0
+# A tiny architecture for smoke tests (2 levels, attention at 8x8).
+TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8)
+
+
+@dataclasses.dataclass
+class Result:
+  """One implementation's measurements (None where not measured)."""
+  impl: str
+  device: str
+  batch: int
+  dtype: str
+  params: int
+  train_img_s: float | None = None
+  train_compile_s: float | None = None
+  train_peak_mb: float | None = None
+  sample_img_steps_s: float | None = None
+  sample_256x1000_s: float | None = None  # extrapolated from sample_steps timed steps
+  sample_compile_s: float | None = None
+  sample_peak_mb: float | None = None
+  peak_kind: str = ''
+  notes: str = ''
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------------------------
+
+def _rss_mb(field: str) -> float | None:
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith(field + ':'):
+          return int(line.split()[1]) / 1024.0
+  except OSError:
+    pass
+  return None
+
+
+class CpuPeak:
+  """Peak RSS growth of this process over a phase (MiB). Linux: VmHWM, reset via clear_refs; else ru_maxrss."""
+
+  kind = 'CPU process peak RSS delta'
+
+  def __enter__(self):
+    try:
+      with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # resets VmHWM to the current RSS
+    except OSError:
+      pass
+    self.start = _rss_mb('VmRSS') or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return self
+
+  def __exit__(self, *exc):
+    peak = _rss_mb('VmHWM') or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    self.mb = max(0.0, peak - self.start)
+
+
+def _jax_peak_mb() -> float | None:
+  stats = jax.local_devices()[0].memory_stats()
+  if stats and 'peak_bytes_in_use' in stats:
+    return stats['peak_bytes_in_use'] / 2**20
+  return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+def _timed(fn: Callable[[], Any], sync: Callable[[Any], Any]) -> float:
+  t0 = time.perf_counter()
+  sync(fn())
+  return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JAX
+# ----------------------------------------------------------------------------------------------------------------
+
+def make_model(tiny: bool, *, dtype: str = 'float32', remat: bool = False, dropout: float = 0.1):
+  if tiny:
+    return unet_lib.UNet(**TINY, dropout=dropout, dtype=dtype, remat=remat)
+  return unet_lib.unet_cifar10(dropout=dropout, dtype=dtype, remat=remat)
+
+
+def make_multi_step(step_fn: Callable, k: int, devices: Sequence[Any] | None = None) -> Callable:
+  """k train steps per compiled call: a pmapped `lax.scan` over k batches, state donated.
+
+  Args:
+    step_fn: an unmapped step ``(state, batch, key) -> (state, metrics)``, e.g.
+      ``functools.partial(train_lib.train_step, model=..., schedule=..., ...)``.
+    k: steps per call.
+    devices: local devices (default all).
+
+  Returns:
+    ``multi_step(state, batches [D, k, b, H, W, C], key) -> (state, metrics [D, k])``.
+  """
+  def many(state, batches, key):
+    return lax.scan(lambda s, b: step_fn(s, b, key), state, batches, length=k)
+  return jax.pmap(many, axis_name=train_lib.AXIS, in_axes=(0, 0, None), donate_argnums=(0,), devices=devices)
+
+
+def bench_jax_train(model, *, batch: int, steps: int, k: int = 1) -> dict:
+  """Times the project's train step (k per call) on the first local device."""
+  devices = jax.local_devices()[:1]
+  schedule = schedule_lib.get_schedule('linear')
+  tx = train_lib.make_optimizer(lr=LR, warmup_steps=5000, grad_clip=GRAD_CLIP)
+  kwargs = dict(model=model, schedule=schedule, tx=tx, lr_fn=train_lib.warmup_lr(LR, 5000), ema_decay=EMA_DECAY,
+                grad_clip=GRAD_CLIP)
+  state = train_lib.init_state(model, tx, image_shape=IMAGE_SHAPE, key=jax.random.key(0))
+  nparams = unet_lib.count_params(state.params)
+  state = train_lib.replicate(state, devices)
+  rng = np.random.default_rng(0)
+  sharding = train_lib.device_sharding(devices)
+  if k == 1:
+    step = train_lib.make_p_train_step(devices=devices, **kwargs)
+    shape = (1, batch) + IMAGE_SHAPE
+  else:
+    step = make_multi_step(functools.partial(train_lib.train_step, **kwargs), k, devices)
+    shape = (1, k, batch) + IMAGE_SHAPE
+  data = jax.device_put(rng.uniform(-1, 1, shape).astype(np.float32), sharding)
+  key = jax.random.key(1)
+  sync = lambda out: jax.block_until_ready(out)
+  holder = {'state': state}
+
+  def call():
+    holder['state'], holder['metrics'] = step(holder['state'], data, key)
+    return holder['metrics']
+
+  with CpuPeak() as mem:
+    first = _timed(call, sync)
+    times = [_timed(call, sync) for _ in range(max(1, steps))]
+  med = statistics.median(times)
+  loss = float(np.asarray(holder['metrics']['loss']).ravel()[-1])
+  if not np.isfinite(loss):
+    raise FloatingPointError(f'non-finite loss {loss} in the JAX train step')
+  return dict(img_s=batch * k / med, compile_s=max(0.0, first - med), peak_mb=_jax_peak_mb() or mem.mb,
+              params=nparams, times=times)
+
+
+def bench_jax_sample(model, params, *, batch: int, steps: int, repeats: int = 2) -> dict:
+  """Times ``steps`` reverse steps of `p_sample_loop` (fixedlarge, clipped), compiled once for this shape."""
+  schedule = schedule_lib.get_schedule('linear')
+  shape = (batch,) + IMAGE_SHAPE
+
+  @jax.jit
+  def run(params, key):
+    def denoise_fn(x_t, t):
+      return model.apply({'params': params}, x_t, t, train=False)
+    x_init = jax.random.normal(jax.random.fold_in(key, 1), shape)
+    # start_t = steps - 1 runs exactly `steps` network evaluations; their cost does not depend on t.
+    return sampling.p_sample_loop(schedule, denoise_fn, shape, key, mean_type='eps', var_type='fixedlarge',
+                                  clip_denoised=True, x_init=x_init, start_t=steps - 1)
+
+  params = jax.device_put(params)
+  key = jax.random.key(2)
+  sync = jax.block_until_ready
+  with CpuPeak() as mem:
+    first = _timed(lambda: run(params, key), sync)
+    times = [_timed(lambda: run(params, key), sync) for _ in range(max(1, repeats))]
+  med = statistics.median(times) / steps
+  return dict(img_steps_s=batch / med, s_256x1000=med * 1000 * 256 / batch,
+              compile_s=max(0.0, first - med * steps), peak_mb=_jax_peak_mb() or mem.mb, times=times)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PyTorch peer
+# ----------------------------------------------------------------------------------------------------------------
+
+def _torch_model(model, params):
+  import torch
+  from diffusers import UNet2DModel
+  config = pretrained.diffusers_config(model, IMAGE_SHAPE[0])
+  config = {k: v for k, v in config.items() if not k.startswith('_')}
+  net = UNet2DModel(**config)
+  state_dict = {k: torch.from_numpy(np.array(v)) for k, v in pretrained.to_diffusers_state_dict(params).items()}
+  net.load_state_dict(state_dict, strict=True)
+  return net
+
+
+def bench_torch(model, params, *, batch: int, train_steps: int, sample_steps: int) -> dict:
+  """The peer: diffusers UNet2DModel with our architecture and weights."""
+  import torch
+  from diffusers import DDPMScheduler
+  torch.manual_seed(0)
+  torch.set_num_threads(os.cpu_count() or 1)
+  cuda = torch.cuda.is_available()
+  dev = torch.device('cuda' if cuda else 'cpu')
+  sync = (lambda _: torch.cuda.synchronize()) if cuda else (lambda _: None)
+  net = _torch_model(model, params).to(dev)
+  nparams = sum(p.numel() for p in net.parameters())
+  sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule='linear',
+                        variance_type='fixed_large', clip_sample=True)
+  out = dict(params=nparams)
+
+  def peak(fn):
+    if cuda:
+      torch.cuda.reset_peak_memory_stats()
+      r = fn()
+      return r, torch.cuda.max_memory_allocated() / 2**20
+    with CpuPeak() as mem:
+      r = fn()
+    return r, mem.mb
+
+  if train_steps:
+    ema = [p.detach().clone() for p in net.parameters()]
+    opt = torch.optim.Adam(net.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8)
+    x0 = torch.rand((batch, 3) + IMAGE_SHAPE[:2], device=dev) * 2 - 1
+    acp = sched.alphas_cumprod.to(dev)
+    net.train()
+
+    def step():
+      t = torch.randint(0, 1000, (batch,), device=dev)
+      noise = torch.randn_like(x0)
+      a = acp[t].view(-1, 1, 1, 1)
+      x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+      loss = torch.nn.functional.mse_loss(net(x_t, t).sample, noise)
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(net.parameters(), GRAD_CLIP)
+      opt.step()
+      with torch.no_grad():
+        torch._foreach_lerp_(ema, [p.detach() for p in net.parameters()], 1 - EMA_DECAY)
+      return loss
+
+    def run():
+      first = _timed(step, sync)
+      return first, [_timed(step, sync) for _ in range(max(1, train_steps))]
+    (first, times), mb = peak(run)
+    med = statistics.median(times)
+    out.update(train_img_s=batch / med, train_compile_s=max(0.0, first - med), train_peak_mb=mb,
+               train_times=times)
+    del opt, ema
+
+  if sample_steps:
+    net.eval()
+    sched.set_timesteps(1000)
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def run():
+      x = torch.randn((batch, 3) + IMAGE_SHAPE[:2], generator=gen, device=dev)
+      times = []
+      with torch.inference_mode():
+        for i, t in enumerate(sched.timesteps[:sample_steps + 1]):  # the first is warm-up
+          t0 = time.perf_counter()
+          eps = net(x, t.to(dev)).sample
+          x = sched.step(eps, t, x, generator=gen).prev_sample
+          sync(x)
+          times.append(time.perf_counter() - t0)
+      return times
+    times, mb = peak(run)
+    med = statistics.median(times[1:])
+    out.update(sample_img_steps_s=batch / med, sample_256x1000_s=med * 1000 * 256 / batch,
+               sample_compile_s=max(0.0, times[0] - med), sample_peak_mb=mb, sample_times=times[1:])
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------------------------
+
+def environment() -> dict:
+  info = dict(python=platform.python_version(), jax=jax.__version__, backend=jax.default_backend(),
+              device=str(jax.local_devices()[0].device_kind), cpu_count=os.cpu_count(),
+              xla_flags=os.environ.get('XLA_FLAGS', ''),
+              matmul_precision=str(jax.config.jax_default_matmul_precision))
+  try:
+    import flax
+    info['flax'] = flax.__version__
+  except ImportError:
+    pass
+  try:
+    import torch
+    import diffusers
+    info.update(torch=torch.__version__, diffusers=diffusers.__version__, torch_threads=torch.get_num_threads())
+  except ImportError:
+    pass
+  return info
+
+
+def run(*, batch: int = 32, train_steps: int = 3, sample_steps: int = 4, sample_repeats: int = 2,
+        dtype: str = 'float32', impls: Sequence[str] = ('jax', 'torch'), remat: bool = False,
+        steps_per_call: int = 1, tiny: bool = False) -> list[Result]:
+  """Runs the benchmark; returns one `Result` per implementation (JAX first)."""
+  results = []
+  model = make_model(tiny, dtype=dtype, remat=remat)
+  params = train_lib.init_params(model, image_shape=IMAGE_SHAPE, key=jax.random.key(0))
+  nparams = unet_lib.count_params(params)
+  on_gpu = jax.default_backend() != 'cpu'
+  if 'jax' in impls:
+    r = Result('jax', jax.local_devices()[0].device_kind, batch, dtype, nparams,
+               peak_kind='device peak_bytes_in_use' if on_gpu else CpuPeak.kind,
+               notes=f'remat={remat} steps_per_call={steps_per_call}')
+    if train_steps:
+      tr = bench_jax_train(model, batch=batch, steps=train_steps, k=steps_per_call)
+      r.train_img_s, r.train_compile_s, r.train_peak_mb = tr['img_s'], tr['compile_s'], tr['peak_mb']
+    if sample_steps:
+      sm = bench_jax_sample(model, params, batch=batch, steps=sample_steps, repeats=sample_repeats)
+      r.sample_img_steps_s, r.sample_256x1000_s = sm['img_steps_s'], sm['s_256x1000']
+      r.sample_compile_s, r.sample_peak_mb = sm['compile_s'], sm['peak_mb']
+    results.append(r)
+  if 'torch' in impls:
+    import torch
+    th = bench_torch(model, params, batch=batch, train_steps=train_steps, sample_steps=sample_steps)
+    if th['params'] != nparams:
+      raise AssertionError(f"torch peer has {th['params']} parameters, ddpm_jax {nparams}: not the same model")
+    cuda = torch.cuda.is_available()
+    r = Result('torch', torch.cuda.get_device_name() if cuda else platform.processor() or 'cpu', batch,
+               'float32', th['params'], peak_kind='torch.cuda.max_memory_allocated' if cuda else CpuPeak.kind,
+               notes=f'threads={torch.get_num_threads()}')
+    for f in ('train_img_s', 'train_compile_s', 'train_peak_mb', 'sample_img_steps_s', 'sample_256x1000_s',
+              'sample_compile_s', 'sample_peak_mb'):
+      setattr(r, f, th.get(f))
+    results.append(r)
+  return results
+
+
+def _fmt(v, spec):
+  return '-' if v is None else format(v, spec)
+
+
+def table(results: Sequence[Result]) -> str:
+  """One text table; a last row 'jax/torch' gives the throughput ratios when both ran."""
+  head = ('impl', 'train img/s', 'sample img-step/s', 's/256x1000 (extrap.)', 'compile s (train/sample)',
+          'peak MiB (train/sample)')
+  rows = []
+  for r in results:
+    rows.append((r.impl, _fmt(r.train_img_s, '.3f'), _fmt(r.sample_img_steps_s, '.2f'),
+                 _fmt(r.sample_256x1000_s, '.0f'),
+                 f'{_fmt(r.train_compile_s, ".1f")}/{_fmt(r.sample_compile_s, ".1f")}',
+                 f'{_fmt(r.train_peak_mb, ".0f")}/{_fmt(r.sample_peak_mb, ".0f")}'))
+  by = {r.impl: r for r in results}
+  if 'jax' in by and 'torch' in by:
+    j, t = by['jax'], by['torch']
+    ratio = lambda a, b: None if a is None or b is None or b == 0 else a / b
+    rows.append(('jax/torch', _fmt(ratio(j.train_img_s, t.train_img_s), '.2f') + 'x',
+                 _fmt(ratio(j.sample_img_steps_s, t.sample_img_steps_s), '.2f') + 'x',
+                 _fmt(ratio(t.sample_256x1000_s, j.sample_256x1000_s), '.2f') + 'x faster', '', ''))
+  widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+  line = lambda cells: ' | '.join(str(c).ljust(w) for c, w in zip(cells, widths))
+  out = [line(head), '-+-'.join('-' * w for w in widths)] + [line(r) for r in rows]
+  kinds = sorted({r.peak_kind for r in results})
+  out.append(f'peak memory: {"; ".join(kinds)}. s/256x1000 is extrapolated from the timed reverse steps.')
+  return '\n'.join(out)
+
+
+def run_isolated(argv: Sequence[str], impls: Sequence[str]) -> list[Result]:
+  """Runs each implementation in its own Python process and collects the results.
+
+  In one process the second framework is measured next to the first one's idle thread pool (XLA's CPU
+  workers spin after each call): measured here, the torch peer ran 18x slower after a JAX run in the same
+  process. A fresh process per implementation also gives each its own peak-RSS baseline.
+  """
+  import subprocess
+  import tempfile
+  results = []
+  for impl in impls:
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, 'r.json')
+      cmd = [sys.executable, os.path.abspath(__file__), *argv, '--impl', impl, '--json', out, '--in_process']
+      subprocess.run(cmd, check=True)
+      with open(out) as f:
+        results += [Result(**r) for r in json.load(f)['results']]
+  return results
+
+
+def _strip(argv: Sequence[str], names: Sequence[str]) -> list[str]:
+  """argv without the given options (and their values)."""
+  out, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+      continue
+    name = a.split('=', 1)[0]
+    if name in names:
+      skip = '=' not in a
+      continue
+    out.append(a)
+  return out
+
+
+def main(argv=None):
+  argv = list(sys.argv[1:] if argv is None else argv)
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--batch', type=int, default=32)
+  p.add_argument('--train_steps', type=int, default=3, help='timed train calls (after one warm-up); 0 skips')
+  p.add_argument('--sample_steps', type=int, default=4,
+                 help='reverse steps per timed sampling call, extrapolated to 1000; 0 skips')
+  p.add_argument('--sample_repeats', type=int, default=2, help='timed JAX sampling calls (after one warm-up)')
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'), help='JAX compute dtype')
+  p.add_argument('--impl', default='jax,torch')
+  p.add_argument('--remat', action='store_true')
+  p.add_argument('--steps_per_call', type=int, default=1)
+  p.add_argument('--tiny', action='store_true', help='tiny model (smoke test)')
+  p.add_argument('--matmul_precision', default=None, help="jax_default_matmul_precision, e.g. 'bfloat16'")
+  p.add_argument('--in_process', action='store_true',
+                 help='measure every impl in this process (default: one subprocess per impl when several)')
+  p.add_argument('--json', default=None, help='write results + environment here')
+  a = p.parse_args(argv)
+  impls = [s.strip() for s in a.impl.split(',') if s.strip()]
+  bad = set(impls) - {'jax', 'torch'}
+  if bad:
+    p.error(f'unknown --impl {sorted(bad)}; use jax, torch or jax,torch')
+  if a.matmul_precision:
+    jax.config.update('jax_default_matmul_precision', a.matmul_precision)
+  env = environment()
+  print('environment:', json.dumps(env), flush=True)
+  print('command:', ' '.join(['python', sys.argv[0]] + argv), f'| load average {os.getloadavg()}', flush=True)
+  t0 = time.time()
+  load0 = os.getloadavg()
+  if len(impls) > 1 and not a.in_process:
+    results = run_isolated(_strip(argv, ('--impl', '--json', '--in_process')), impls)
+  else:
+    results = run(batch=a.batch, train_steps=a.train_steps, sample_steps=a.sample_steps,
+                  sample_repeats=a.sample_repeats, dtype=a.dtype, impls=impls, remat=a.remat,
+                  steps_per_call=a.steps_per_call, tiny=a.tiny)
+  print(table(results), flush=True)
+  print(f'total wall time {time.time() - t0:.0f} s; load average at start {load0}, at end {os.getloadavg()}')
+  if a.json:
+    with open(a.json, 'w') as f:
+      json.dump(dict(environment=env, argv=argv, loadavg_start=load0, loadavg_end=os.getloadavg(),
+                     results=[dataclasses.asdict(r) for r in results]), f, indent=1)
+  return results
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,82 @@
+"""Smoke test of benchmarks/bench.py on a tiny model: it runs, and the table and JSON carry every field.
+
+No speed assertions: the speed targets live in BENCHMARKS.md, not in timed tests.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks', 'bench.py')
+
+
+def _load_bench():
+  spec = importlib.util.spec_from_file_location('ddpm_bench', _PATH)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look the module up by name
+  spec.loader.exec_module(module)
+  return module
+
+
+bench = _load_bench()
+
+try:
+  import diffusers  # noqa: F401
+  import torch  # noqa: F401
+  HAVE_TORCH = True
+except ImportError:
+  HAVE_TORCH = False
+
+FIELDS = ('train_img_s', 'train_compile_s', 'train_peak_mb', 'sample_img_steps_s', 'sample_256x1000_s',
+          'sample_compile_s', 'sample_peak_mb')
+
+
+def test_run_and_json(tmp_path, capsys):
+  impls = 'jax,torch' if HAVE_TORCH else 'jax'
+  out = tmp_path / 'r.json'
+  # k=2 steps per compiled call exercises make_multi_step through the real train step.
+  results = bench.main(['--tiny', '--batch', '2', '--train_steps', '1', '--sample_steps', '2',
+                        '--sample_repeats', '1', '--steps_per_call', '2', '--impl', impls, '--in_process',
+                        '--json', str(out)])
+  assert [r.impl for r in results] == impls.split(',')
+  nparams = results[0].params
+  for r in results:
+    assert r.params == nparams  # the peer is the same architecture
+    for f in FIELDS:
+      v = getattr(r, f)
+      assert v is not None and v >= 0, (r.impl, f, v)
+    assert r.train_img_s > 0 and r.sample_img_steps_s > 0
+    # 256 images x 1000 steps at the measured rate.
+    assert r.sample_256x1000_s == pytest.approx(256 * 1000 / r.sample_img_steps_s, rel=1e-6)
+  text = capsys.readouterr().out
+  for word in ('train img/s', 'sample img-step/s', 's/256x1000', 'compile s', 'peak MiB', 'extrapolated'):
+    assert word in text
+  if HAVE_TORCH:
+    assert 'jax/torch' in text
+  data = json.loads(out.read_text())
+  assert {'environment', 'argv', 'results', 'loadavg_start'} <= set(data)
+  assert data['environment']['jax']
+  assert [r['impl'] for r in data['results']] == impls.split(',')
+  assert set(FIELDS) <= set(data['results'][0])
+
+
+def test_table_ratio_row():
+  mk = lambda impl, tr, sm: bench.Result(impl, 'cpu', 32, 'float32', 10, train_img_s=tr, sample_img_steps_s=sm,
+                                         sample_256x1000_s=256000 / sm)
+  text = bench.table([mk('jax', 6.0, 20.0), mk('torch', 3.0, 10.0)])
+  ratio_row = [line for line in text.splitlines() if line.startswith('jax/torch')][0]
+  assert '2.00x' in ratio_row
+  assert '-' in bench.table([bench.Result('jax', 'cpu', 1, 'float32', 1)])  # unmeasured fields print '-'
+
+
+def test_bad_impl_is_rejected():
+  with pytest.raises(SystemExit):
+    bench.main(['--impl', 'tensorflow'])
+
+
+def test_strip_options():
+  assert bench._strip(['--batch', '4', '--impl', 'jax,torch', '--json=x', '--tiny'], ('--impl', '--json')) == [
+      '--batch', '4', '--tiny']
