@@ -5,6 +5,8 @@ r"""Scores a model the way the paper did: FID and Inception Score of samples, an
       --inception_weights pt_inception-2015-12-05-6726825d.pth --ref_stats stats/cifar10_train.npz
   # Negative log-likelihood bound (bits/dim) of the CIFAR-10 test set under a run's EMA weights:
   python evaluate.py --metric bpd --workdir runs/cifar10 --dataset cifar10 --split test
+  # Class-conditional digits: how often an SVM trained on the real digits sees the requested class, per guidance w:
+  python evaluate.py --metric class_accuracy --workdir runs/digits_cond --guidance_scales 0,1,3
 
 Reference statistics are computed once from --ref_dataset/--ref_split (or --ref_folder) and cached at
 --ref_stats. Results are printed and written as JSON to --out (default: beside the input).
@@ -17,23 +19,29 @@ from absl import app, flags
 
 from ddpm_jax import evaluation
 
-_METRIC = flags.DEFINE_enum('metric', 'fid', ['fid', 'bpd'], 'fid: FID + IS of samples; bpd: bits/dim of data.')
+_METRIC = flags.DEFINE_enum('metric', 'fid', ['fid', 'bpd', 'class_accuracy'],
+                            'fid: FID + IS of samples; bpd: bits/dim of data; class_accuracy: class-conditional '
+                            'digits scored by a classifier.')
 _SAMPLES = flags.DEFINE_string('samples', None, '[fid] sample.py output folder.')
 _WEIGHTS = flags.DEFINE_string('inception_weights', None, "[fid] FID Inception weights (.npz or pytorch-fid's .pth).")
 _REF_STATS = flags.DEFINE_string('ref_stats', None, '[fid] Reference statistics .npz (computed if missing).')
 _REF_DATASET = flags.DEFINE_string('ref_dataset', 'cifar10', '[fid] tfds dataset of the reference images.')
 _REF_SPLIT = flags.DEFINE_string('ref_split', 'train', '[fid] Split of the reference images (paper: train).')
 _REF_FOLDER = flags.DEFINE_string('ref_folder', '', '[fid] Image folder as reference instead of tfds.')
-_WORKDIR = flags.DEFINE_string('workdir', None, '[bpd] Training workdir (EMA parameters).')
+_WORKDIR = flags.DEFINE_string('workdir', None, '[bpd, class_accuracy] Training workdir (EMA parameters).')
 _PRETRAINED = flags.DEFINE_string('pretrained', None, '[bpd] Released model instead of --workdir.')
-_STEP = flags.DEFINE_integer('step', None, '[bpd] Checkpoint step (default newest).')
+_STEP = flags.DEFINE_integer('step', None, '[bpd, class_accuracy] Checkpoint step (default newest).')
 _DATASET = flags.DEFINE_string('dataset', 'cifar10', '[bpd] Dataset (tfds name, digits or folder).')
 _SPLIT = flags.DEFINE_string('split', 'test', '[bpd] Split.')
 _FOLDER = flags.DEFINE_string('folder', '', '[bpd] Image folder for --dataset folder.')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', None, '[bpd] Evaluate only the first N images.')
 _DATA_DIR = flags.DEFINE_string('data_dir', '', 'tfds data_dir.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 200, 'Images per device call.')
-_SEED = flags.DEFINE_integer('seed', 0, '[bpd] Noise seed.')
+_SEED = flags.DEFINE_integer('seed', 0, '[bpd, class_accuracy] Noise seed.')
+_SCALES = flags.DEFINE_list('guidance_scales', ['0', '1', '3'], '[class_accuracy] Guidance scales w to compare.')
+_NUM_SAMPLES = flags.DEFINE_integer('num_samples', 500, '[class_accuracy] Samples per guidance scale.')
+_SAMPLER = flags.DEFINE_enum('sampler', 'ancestral', ['ancestral', 'respaced', 'ddim'], '[class_accuracy] Sampler.')
+_STEPS = flags.DEFINE_integer('steps', None, '[class_accuracy] Steps for --sampler respaced/ddim.')
 _OUT = flags.DEFINE_string('out', None, 'JSON file for the results.')
 
 
@@ -50,6 +58,19 @@ def main(argv):
                                 ref_split=_REF_SPLIT.value, ref_folder=_REF_FOLDER.value, data_dir=_DATA_DIR.value,
                                 batch_size=_BATCH_SIZE.value)
     out = _OUT.value or os.path.join(_SAMPLES.value, 'fid.json')
+  elif _METRIC.value == 'class_accuracy':
+    if not _WORKDIR.value:
+      raise app.UsageError('--metric class_accuracy needs --workdir (a class-conditional digits run).')
+    try:
+      scales = [float(w) for w in _SCALES.value]
+    except ValueError as e:
+      raise app.UsageError(f'--guidance_scales must be numbers, got {_SCALES.value}') from e
+    result = evaluation.run_class_accuracy(workdir=_WORKDIR.value, guidance_scales=scales,
+                                           num_samples=_NUM_SAMPLES.value, sampler=_SAMPLER.value,
+                                           steps=_STEPS.value, seed=_SEED.value, step=_STEP.value)
+    out = _OUT.value or os.path.join(_WORKDIR.value, 'class_accuracy.json')
+    for r in result['results']:
+      print(f"guidance_scale {r['guidance_scale']:g}: accuracy {r['accuracy']:.3f}")
   else:
     result = evaluation.run_bpd(workdir=_WORKDIR.value, pretrained=_PRETRAINED.value, step=_STEP.value,
                                 dataset=_DATASET.value, split=_SPLIT.value, folder=_FOLDER.value,

@@ -6,6 +6,8 @@ r"""Samples images from a trained or released DDPM into .npz shards and a PNG gr
   python sample.py --pretrained google/ddpm-cifar10-32 --num_samples 50000 --out samples/cifar10_official
   # Faster samplers: DDIM with 100 steps, or the ancestral sampler on 250 respaced steps:
   python sample.py --workdir runs/cifar10 --sampler ddim --steps 100 --eta 0 --out samples/ddim100
+  # A class-conditional model: class 3 with classifier-free guidance w = 2 (any sampler):
+  python sample.py --workdir runs/digits_cond --class_label 3 --guidance_scale 2 --out samples/threes
 
 Image i depends only on (--seed, i): the same command gives the same images on any number of devices and
 with any --batch_size. Rerunning an interrupted command resumes: finished shards are kept and skipped.
@@ -33,6 +35,10 @@ _VAR_TYPE = flags.DEFINE_enum('var_type', None, ['fixedlarge', 'fixedsmall'],
                               "Reverse variance (default: the model's own setting).")
 _CLIP = flags.DEFINE_bool('clip_denoised', None, "Clip x0 estimates to [-1, 1] (default: the model's setting).")
 _GRID = flags.DEFINE_integer('grid', 64, 'Images in grid.png (0 for none).')
+_CLASS = flags.DEFINE_integer('class_label', None, 'Class-conditional models: the class of every image (default: '
+                              'image i gets class i mod K; K itself, the null class, samples unconditionally).')
+_GUIDANCE = flags.DEFINE_float('guidance_scale', 0.0, 'Class-conditional models: classifier-free guidance w '
+                               '(eps = (1+w) eps(x, c) - w eps(x, null); 0 = none).')
 
 
 def main(argv):
@@ -42,7 +48,7 @@ def main(argv):
       workdir=_WORKDIR.value, pretrained=_PRETRAINED.value, step=_STEP.value, out_dir=_OUT.value,
       num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value, seed=_SEED.value, sampler=_SAMPLER.value,
       steps=_STEPS.value, eta=_ETA.value, var_type=_VAR_TYPE.value, clip_denoised=_CLIP.value,
-      grid_size=_GRID.value)
+      grid_size=_GRID.value, class_label=_CLASS.value, guidance_scale=_GUIDANCE.value)
   logging.info('Done: %s', summary)
   print(f"Wrote {summary['num_samples']} samples to {summary['out_dir']} "
         f"({summary['skipped_shards']} of {summary['num_shards']} shards were already there).")

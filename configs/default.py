@@ -34,6 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.resamp_with_conv = True  # Convolutional up/downsampling instead of nearest/avg-pool only.
   model.num_groups = 32  # GroupNorm groups.
   model.dtype = 'float32'  # Compute dtype (float32 as the paper; bfloat16 is faster on TPU/H100).
+  model.remat = False  # Recompute each block's activations in the backward pass: less memory, ~1 more forward.
+  model.num_classes = 0  # 0: unconditional (the paper). K > 0: class-conditional on the dataset's K labels.
+  model.class_dropout = 0.1  # Class-conditional only: P(label -> null class) in training, for classifier-free guidance.
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.beta_schedule = 'linear'  # Beta schedule name (see ddpm_jax.schedule.BETA_SCHEDULES).
@@ -67,4 +70,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample = sample = ml_collections.ConfigDict()
   sample.var_type = 'fixedlarge'  # Variance used when sampling (paper: fixedlarge CIFAR, fixedsmall LSUN/CelebA-HQ).
   sample.clip_denoised = True  # Clip predicted x0 to [-1, 1] at every step (TF default).
+  sample.guidance_scale = 0.0  # Class-conditional only: classifier-free guidance w of the training-time sample grids.
   return config

@@ -83,8 +83,8 @@ class Checkpointer:
     self._manager.close()
 
   def restore(self, step: int, target: Any) -> Any:
-    """Restores ``step`` into the structure/dtypes/shapes of ``target`` (a pytree of arrays)."""
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), target)
+    """Restores ``step`` into the structure/dtypes/shapes of ``target`` (arrays or ``jax.ShapeDtypeStruct``)."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(_shape(x), _dtype(x)), target)
     restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
     return jax.tree.map(np.asarray, restored)
 
@@ -147,8 +147,16 @@ def _check_structure(tree: Any, target: Any) -> None:
   if jax.tree.structure(tree) != jax.tree.structure(target):
     raise ValueError('restored tree structure differs from the train state')
   for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(target)):
-    if np.shape(a) != np.shape(b):
-      raise ValueError(f'restored shape {np.shape(a)} differs from the expected {np.shape(b)}')
+    if _shape(a) != _shape(b):
+      raise ValueError(f'restored shape {_shape(a)} differs from the expected {_shape(b)}')
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+  return tuple(x.shape) if hasattr(x, 'shape') else np.shape(x)
+
+
+def _dtype(x: Any) -> np.dtype:
+  return x.dtype if hasattr(x, 'dtype') else np.asarray(x).dtype
 
 
 def save_json(path: str, obj: Any) -> None:

@@ -220,7 +220,10 @@ def make_figure(name: str, *, model: Any, params: Any, schedule: Schedule, image
 
   if name not in FIGURES:
     raise ValueError(f'Unknown figure {name!r}; choose one of {FIGURES}.')
-  denoise_fn = lambda x, t: model.apply({'params': params}, x, t, train=False)
+  # A class-conditional model draws the figures with its null class (unconditionally).
+  null = (lambda x: (jnp.full((x.shape[0],), model.null_label()),)) if getattr(model, 'num_classes', 0) else (
+      lambda x: ())
+  denoise_fn = lambda x, t: model.apply({'params': params}, x, t, *null(x), train=False)
   x0 = jnp.asarray(input_pipeline.to_model_range(np.asarray(images[:num_images])))
   size = x0.shape[1]
   scale = max(1, 64 // size)

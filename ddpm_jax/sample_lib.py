@@ -46,6 +46,9 @@ class SamplerSpec:
     var_type: reverse variance for the ancestral samplers ('fixedlarge' or 'fixedsmall').
     clip_denoised: clip the x_0 estimate at every step.
     mean_type: the network's parameterization.
+    class_label: class-conditional models only: the class of every image, or None to cycle through the
+      classes by index (image i gets class i mod K). The null class K gives unconditional samples.
+    guidance_scale: classifier-free guidance weight w (class-conditional models only; 0 = none).
   """
 
   name: str = 'ancestral'
@@ -54,6 +57,8 @@ class SamplerSpec:
   var_type: str = 'fixedlarge'
   clip_denoised: bool = True
   mean_type: str = 'eps'
+  class_label: int | None = None
+  guidance_scale: float = 0.0
 
   def validate(self, num_timesteps: int) -> None:
     """Raises ValueError for an unusable combination (before anything compiles)."""
@@ -69,15 +74,21 @@ class SamplerSpec:
       raise ValueError(f'eta must lie in [0, 1], got {self.eta}.')
     if self.eta and self.name != 'ddim':
       raise ValueError(f'eta={self.eta} only applies to --sampler ddim.')
+    if not self.guidance_scale >= 0:
+      raise ValueError(f'guidance_scale must be >= 0 (0 = no guidance), got {self.guidance_scale}.')
 
 
 def make_image_sampler(model: Any, schedule: sched_lib.Schedule, spec: SamplerSpec,
-                       image_shape: Sequence[int]) -> Callable[[Any, jax.Array], jax.Array]:
-  """``sample_one(params, key) -> [H, W, C]``: one image in [-1, 1] (unclipped) from its own key.
+                       image_shape: Sequence[int]) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+  """``sample_one(params, key, label) -> [H, W, C]``: one image in [-1, 1] (unclipped) from its own key.
 
-  Vmapping it over keys gives a batch whose images do not depend on each other's keys.
+  ``label`` (an int32 scalar) is the class for a class-conditional model (with ``spec.guidance_scale``) and is
+  ignored by an unconditional one. Vmapping over keys gives a batch whose images do not depend on each other.
   """
   spec.validate(schedule.num_timesteps)
+  conditional = bool(getattr(model, 'num_classes', 0))
+  if not conditional and (spec.class_label is not None or spec.guidance_scale):
+    raise ValueError('class_label / guidance_scale need a class-conditional model; this one has num_classes=0.')
   shape = (1,) + tuple(image_shape)
   if spec.name == 'respaced':
     use = sched_lib.space_timesteps(schedule.num_timesteps, spec.steps or schedule.num_timesteps)
@@ -85,9 +96,14 @@ def make_image_sampler(model: Any, schedule: sched_lib.Schedule, spec: SamplerSp
   else:
     run_schedule, timestep_map = schedule, None
 
-  def sample_one(params, key):
+  def sample_one(params, key, label):
     def denoise_fn(x, t):
       return model.apply({'params': params}, x, t, train=False)
+
+    if conditional:
+      denoise_fn = sampling.classifier_free_guidance(
+          lambda x, t, y: model.apply({'params': params}, x, t, y, train=False), label[None],
+          null_label=model.null_label(), guidance_scale=spec.guidance_scale)
 
     if spec.name == 'ddim':
       x = sampling.ddim_sample_loop(schedule, denoise_fn, shape, key, num_steps=spec.steps, eta=spec.eta,
@@ -120,14 +136,25 @@ class BatchSampler:
     self.devices = list(devices or jax.local_devices())
     self.image_shape = tuple(image_shape)
     self._root = jax.random.key(seed)
+    self.num_classes = int(getattr(model, 'num_classes', 0))
+    self.class_label = spec.class_label
     sample_one = make_image_sampler(model, schedule, spec, image_shape)
 
-    def per_device(params, indices):
+    def per_device(params, indices, labels):
       keys = jax.vmap(lambda i: jax.random.fold_in(self._root, i))(indices)
-      return jax.vmap(sample_one, in_axes=(None, 0))(params, keys)
+      return jax.vmap(sample_one, in_axes=(None, 0, 0))(params, keys, labels)
 
-    self._fn = jax.pmap(per_device, in_axes=(0, 0), devices=self.devices)
+    self._fn = jax.pmap(per_device, in_axes=(0, 0, 0), devices=self.devices)
     self._params = flax.jax_utils.replicate(params, self.devices)
+
+  def labels(self, indices: np.ndarray) -> np.ndarray | None:
+    """The class of each global index (None for an unconditional model): ``class_label`` or index mod K."""
+    if not self.num_classes:
+      return None
+    indices = np.asarray(indices, np.int64)
+    if self.class_label is None:
+      return (indices % self.num_classes).astype(np.int32)
+    return np.full(indices.shape, self.class_label, np.int32)
 
   def __call__(self, indices: np.ndarray) -> np.ndarray:
     """uint8 images [len(indices), H, W, C] for the given global indices."""
@@ -135,7 +162,10 @@ class BatchSampler:
     n_dev = len(self.devices)
     per = math.ceil(len(indices) / n_dev)
     padded = np.concatenate([indices, np.full(per * n_dev - len(indices), indices[-1])])
-    out = self._fn(self._params, jnp.asarray(padded.reshape(n_dev, per), jnp.uint32))
+    labels = self.labels(padded)
+    labels = np.zeros(padded.shape, np.int32) if labels is None else labels
+    out = self._fn(self._params, jnp.asarray(padded.reshape(n_dev, per), jnp.uint32),
+                   jnp.asarray(labels.reshape(n_dev, per)))
     out = np.asarray(out).reshape((-1,) + self.image_shape)[:len(indices)]
     return to_uint8(out)
 
@@ -153,17 +183,27 @@ def _shard_is_complete(path: str, expected: np.ndarray, image_shape: Sequence[in
     return False
 
 
-def load_samples(out_dir: str) -> np.ndarray:
-  """All images of a sampling folder, in index order (uint8 [N, H, W, C])."""
+def load_samples(out_dir: str, *, with_labels: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+  """All images of a sampling folder, in index order (uint8 [N, H, W, C]).
+
+  With ``with_labels`` returns ``(images, labels [N] int32)``; the shards of a class-conditional model hold
+  the class of each image (an unconditional model's shards have none: ValueError).
+  """
   files = sorted(glob.glob(os.path.join(out_dir, 'samples_*.npz')))
   if not files:
     raise FileNotFoundError(f'No samples_*.npz shards in {out_dir!r}; run sample.py first.')
-  images, indices = [], []
+  images, indices, labels = [], [], []
   for path in files:
     with np.load(path) as f:
       images.append(f['images'])
       indices.append(f['indices'])
+      if with_labels:
+        if 'labels' not in f:
+          raise ValueError(f'{path!r} holds no class labels: it was sampled from an unconditional model.')
+        labels.append(f['labels'])
   order = np.argsort(np.concatenate(indices), kind='stable')
+  if with_labels:
+    return np.concatenate(images)[order], np.concatenate(labels)[order]
   return np.concatenate(images)[order]
 
 
@@ -173,7 +213,9 @@ def sample_to_dir(sampler: Callable[[np.ndarray], np.ndarray], out_dir: str, *, 
   """Writes ``num_samples`` images in shards of ``shard_size``, skipping shards already finished.
 
   Args:
-    sampler: ``sampler(indices) -> uint8 [n, H, W, C]`` (e.g. a :class:`BatchSampler`).
+    sampler: ``sampler(indices) -> uint8 [n, H, W, C]`` (e.g. a :class:`BatchSampler`). If it has a
+      ``labels(indices)`` method returning ints (a class-conditional :class:`BatchSampler`), each shard also
+      stores ``labels`` and ``grid.png`` shows one row per class.
     out_dir: output folder (created).
     num_samples: exactly how many images to produce.
     shard_size: images per shard (and per sampler call).
@@ -223,7 +265,8 @@ def sample_to_dir(sampler: Callable[[np.ndarray], np.ndarray], out_dir: str, *, 
     images = sampler(indices)
     path = shard_path(out_dir, shard)
     tmp = path + '.tmp.npz'
-    np.savez(tmp, images=images, indices=indices)
+    labels = sampler.labels(indices) if hasattr(sampler, 'labels') else None
+    np.savez(tmp, images=images, indices=indices, **({} if labels is None else {'labels': labels}))
     os.replace(tmp, path)
     made += len(indices)
     if bar is not None:
@@ -234,8 +277,11 @@ def sample_to_dir(sampler: Callable[[np.ndarray], np.ndarray], out_dir: str, *, 
 
   if grid_size:
     from ddpm_jax import image_grid  # pylint: disable=g-import-not-at-top
-    first = load_samples(out_dir)[:grid_size]
-    image_grid.save_png(os.path.join(out_dir, 'grid.png'), first, scale=max(1, 64 // first.shape[1]))
+    first, ncols = load_samples(out_dir)[:grid_size], None
+    labels = sampler.labels(np.arange(len(first))) if hasattr(sampler, 'labels') else None
+    if labels is not None and len(np.unique(labels)) > 1:  # one row per class
+      first, ncols = image_grid.rows_by_class(first, labels)
+    image_grid.save_png(os.path.join(out_dir, 'grid.png'), first, ncols=ncols, scale=max(1, 64 // first.shape[1]))
   return dict(num_samples=num_samples, num_shards=num_shards, skipped_shards=skipped, wall_s=wall,
               images_per_s=made / wall if made and wall > 0 else None)
 
@@ -307,7 +353,7 @@ def load_model(*, workdir: str | None = None, pretrained: str | None = None, ste
 def run(*, workdir: str | None, pretrained: str | None, out_dir: str, num_samples: int, batch_size: int = 256,
         seed: int = 0, step: int | None = None, sampler: str = 'ancestral', steps: int | None = None,
         eta: float = 0.0, var_type: str | None = None, clip_denoised: bool | None = None, grid_size: int = 64,
-        progress: bool = True) -> dict:
+        class_label: int | None = None, guidance_scale: float = 0.0, progress: bool = True) -> dict:
   """What ``sample.py`` does: load a model, validate the request, then :func:`sample_to_dir`.
 
   Every argument is checked before anything compiles. See ``sample.py`` for their meaning.
@@ -321,10 +367,16 @@ def run(*, workdir: str | None, pretrained: str | None, out_dir: str, num_sample
   if sampler not in SAMPLERS:
     raise ValueError(f'Unknown sampler {sampler!r}; choose one of {SAMPLERS}.')
   loaded = load_model(workdir=workdir, pretrained=pretrained, step=step)
+  from ddpm_jax import pretrained as pretrained_lib  # pylint: disable=g-import-not-at-top
+  k = getattr(loaded.model, 'num_classes', 0)
+  # A conditional model without --class_label cycles through the classes (image i gets class i mod K).
+  pretrained_lib.check_conditioning(loaded.model, class_label if class_label is not None or not k else 0,
+                                    guidance_scale)
   # The model's own settings unless overridden; validated before anything compiles.
   spec = SamplerSpec(name=sampler, steps=steps, eta=eta, var_type=var_type or loaded.var_type,
                      mean_type=loaded.mean_type,
-                     clip_denoised=loaded.clip_denoised if clip_denoised is None else clip_denoised)
+                     clip_denoised=loaded.clip_denoised if clip_denoised is None else clip_denoised,
+                     class_label=class_label, guidance_scale=guidance_scale)
   spec.validate(loaded.schedule.num_timesteps)
   image_shape = (loaded.image_size, loaded.image_size, loaded.in_channels)
   logging.info('Sampling %d images from %s with %s.', num_samples, loaded.source, spec)

@@ -97,10 +97,32 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
     unet_lib.validate_unet_config(
         ch=m.ch, out_ch=_out_channels(d.channels, config.diffusion.var_type), ch_mult=tuple(m.ch_mult),
         num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
-        resamp_with_conv=m.resamp_with_conv, num_groups=m.num_groups, dtype=m.dtype)
+        resamp_with_conv=m.resamp_with_conv, num_groups=m.num_groups, dtype=m.dtype,
+        remat=m.get('remat', False), num_classes=m.get('num_classes', 0))
     unet_lib.validate_unet_input((1, d.image_size, d.image_size, d.channels), ch_mult=tuple(m.ch_mult))
   except ValueError as e:
     fail(f'model/data: {e}')
+
+  if m.get('num_classes', 0):
+    k = m.num_classes
+    if d.dataset not in input_pipeline.LABELED_DATASETS:
+      fail(f'model.num_classes={k} needs a labelled dataset ({sorted(input_pipeline.LABELED_DATASETS)}, a folder '
+           f'with one sub-folder per class); data.dataset={d.dataset!r} has no labels. Set model.num_classes=0.')
+    expected = input_pipeline.LABELED_DATASETS[d.dataset]
+    if d.dataset == 'folder' and d.folder and os.path.isdir(d.folder):
+      expected = len(input_pipeline.folder_classes(d.folder))
+    if expected is not None and k != expected:
+      fail(f'model.num_classes={k} but data.dataset={d.dataset!r} has {expected} classes; set '
+           f'model.num_classes={expected}.')
+    if not d.in_memory:
+      fail('Class-conditional training reads labels from the in-memory path: set data.in_memory=True.')
+    if not 0 <= m.class_dropout < 1:
+      fail(f'model.class_dropout={m.class_dropout!r} must lie in [0, 1) (e.g. 0.1; 0 = no unconditional '
+           'training, so no classifier-free guidance).')
+  if s.get('guidance_scale', 0.0) < 0:
+    fail(f'sample.guidance_scale={s.guidance_scale!r} must be >= 0 (0 = no guidance).')
+  if s.get('guidance_scale', 0.0) and not m.get('num_classes', 0):
+    fail(f'sample.guidance_scale={s.guidance_scale} needs a class-conditional model (model.num_classes > 0).')
 
   df = config.diffusion
   if df.beta_schedule not in schedule_lib.BETA_SCHEDULES:
@@ -197,11 +219,56 @@ def make_optimizer(*, lr: float, warmup_steps: int, beta1: float = 0.9, beta2: f
   return optax.chain(*parts)
 
 
-def init_params(model: Any, *, image_shape: tuple[int, int, int], key: jax.Array) -> Any:
-  """Initial model parameters on the host, from ``key``."""
+def build_schedule(config: ml_collections.ConfigDict) -> schedule_lib.Schedule:
+  """The forward process of a training config (``config.diffusion``)."""
+  df = config.diffusion
+  return schedule_lib.get_schedule(df.beta_schedule, beta_start=df.beta_start, beta_end=df.beta_end,
+                                   num_timesteps=df.num_timesteps)
+
+
+def build_model(config: ml_collections.ConfigDict) -> unet_lib.UNet:
+  """The U-Net of a training config (``config.model`` with the data's channels and the variance type)."""
+  m, d = config.model, config.data
+  return unet_lib.UNet(ch=m.ch, out_ch=_out_channels(d.channels, config.diffusion.var_type), ch_mult=tuple(m.ch_mult),
+                       num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
+                       dropout=m.dropout, resamp_with_conv=m.resamp_with_conv, num_groups=m.num_groups,
+                       dtype=jnp.dtype(m.dtype), remat=bool(m.get('remat', False)),
+                       num_classes=int(m.get('num_classes', 0)))
+
+
+def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The optimizer of a training config (``config.optim``); clipping moves into the step with clip_groups."""
+  o = config.optim
+  return make_optimizer(lr=o.lr, warmup_steps=o.warmup_steps, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
+                        grad_clip=o.grad_clip, clip_in_optimizer=o.clip_groups == 0)
+
+
+def abstract_state(config: ml_collections.ConfigDict, model: Any | None = None) -> TrainState:
+  """Shapes and dtypes of a run's `TrainState` (``jax.ShapeDtypeStruct`` leaves), computed without any FLOPs.
+
+  What a checkpoint of ``config``'s run is restored into (e.g. by ``sample.py``).
+  """
+  model = build_model(config) if model is None else model
+  tx = build_optimizer(config)
+  d = config.data
+  image_shape = (d.image_size, d.image_size, d.channels)
+
+  def make():
+    params = _init(model, image_shape, jax.random.key(0))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params))
+  return jax.eval_shape(make)
+
+
+def _init(model: Any, image_shape: tuple[int, int, int], key: jax.Array) -> Any:
   x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
-  return jax.device_get(jax.jit(lambda k: model.init({'params': k}, x, t, train=False)['params'])(key))
+  y = (jnp.zeros((1,), jnp.int32),) if getattr(model, 'num_classes', 0) else ()
+  return model.init({'params': key}, x, t, *y, train=False)['params']
+
+
+def init_params(model: Any, *, image_shape: tuple[int, int, int], key: jax.Array) -> Any:
+  """Initial model parameters on the host, from ``key``."""
+  return jax.device_get(jax.jit(lambda k: _init(model, image_shape, k))(key))
 
 
 def create_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
@@ -219,7 +286,7 @@ def init_state(model: Any, tx: optax.GradientTransformation, *, image_shape: tup
 def train_step(state: TrainState, batch: jax.Array, key: jax.Array, *, model: Any,
                schedule: schedule_lib.Schedule, tx: optax.GradientTransformation, lr_fn: optax.Schedule,
                ema_decay: float, mean_type: str = 'eps', var_type: str = 'fixedlarge', loss_type: str = 'mse',
-               grad_clip: float = 1.0, groups_per_device: int = 0,
+               grad_clip: float = 1.0, groups_per_device: int = 0, class_dropout: float = 0.0,
                axis_name: str = AXIS) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on this device's part of the global batch (run under `pmap` with ``axis_name``).
 
@@ -229,7 +296,8 @@ def train_step(state: TrainState, batch: jax.Array, key: jax.Array, *, model: An
 
   Args:
     state: this device's replica of the state.
-    batch: [b, H, W, C] float32 in [-1, 1], this device's examples (global examples d*b .. d*b+b-1).
+    batch: [b, H, W, C] float32 in [-1, 1], this device's examples (global examples d*b .. d*b+b-1); for a
+      class-conditional model (``model.num_classes > 0``) a dict ``{'image': [b, H, W, C], 'label': [b] int}``.
     key: the run's training root key (the same on every device).
     model: a Linen module called as ``model.apply({'params': p}, x, t, train=True, rngs={'dropout': k})``.
     schedule: the forward process.
@@ -239,12 +307,23 @@ def train_step(state: TrainState, batch: jax.Array, key: jax.Array, *, model: An
     mean_type, var_type, loss_type: passed to `diffusion.training_losses`.
     grad_clip: clip norm for per-group clipping (only used when ``groups_per_device > 0``).
     groups_per_device: 0 to clip in ``tx``; G/num_devices to clip each of G example groups separately.
+    class_dropout: class-conditional models: each example's label is replaced by the null class with this
+      probability (drawn from ``fold_in(fold_in(step_key, 3), global_example_index)``), so that one network
+      learns conditional and unconditional predictions (classifier-free guidance).
     axis_name: the pmap axis to average over.
 
   Returns:
     ``(new_state, metrics)``; metrics ``loss`` (global batch mean), ``grad_norm`` (global norm of the averaged
     gradient before clipping; with groups, the mean of the groups' norms), ``lr`` (of this update).
   """
+  num_classes = getattr(model, 'num_classes', 0)
+  if isinstance(batch, dict):
+    batch, labels = batch['image'], jnp.asarray(batch['label'], jnp.int32)
+  else:
+    labels = None
+  if (labels is None) != (not num_classes):
+    raise ValueError(f'model.num_classes={num_classes} needs batches of '
+                     + ("{'image', 'label'}" if num_classes else 'images without labels') + '.')
   b = batch.shape[0]
   step_key = jax.random.fold_in(key, state.step)
   t_key, noise_key, dropout_key = jax.random.split(step_key, 3)
@@ -255,10 +334,17 @@ def train_step(state: TrainState, batch: jax.Array, key: jax.Array, *, model: An
   t = jax.vmap(lambda i: jax.random.randint(jax.random.fold_in(t_key, i), (), 0, num_t))(global_index)
   noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), batch.shape[1:], batch.dtype))(
       global_index)
+  if labels is not None:  # A separate key (not a 4-way split) keeps unconditional runs' numbers unchanged.
+    label_key = jax.random.fold_in(step_key, 3)
+    drop = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(label_key, i), class_dropout))(global_index)
+    labels = jnp.where(drop, num_classes, labels)
+  else:
+    labels = jnp.zeros((b,), jnp.int32)  # unused: keeps one code path for the group split below
 
-  def loss_fn(params, x, tt, eps, rng):
+  def loss_fn(params, x, tt, eps, rng, y):
     def denoise_fn(x_t, t_in):
-      return model.apply({'params': params}, x_t, t_in, train=True, rngs={'dropout': rng})
+      y_arg = (y,) if num_classes else ()
+      return model.apply({'params': params}, x_t, t_in, *y_arg, train=True, rngs={'dropout': rng})
     losses = diffusion.training_losses(schedule, denoise_fn, x, tt, eps, mean_type=mean_type, var_type=var_type,
                                        loss_type=loss_type)
     return jnp.mean(losses)
@@ -268,20 +354,20 @@ def train_step(state: TrainState, batch: jax.Array, key: jax.Array, *, model: An
     g = groups_per_device
 
     def group_grad(args):
-      x, tt, eps, i = args
-      loss, grads = grad_fn(state.params, x, tt, eps, jax.random.fold_in(dropout_key, i))
+      x, tt, eps, y, i = args
+      loss, grads = grad_fn(state.params, x, tt, eps, jax.random.fold_in(dropout_key, i), y)
       norm = optax.tree.norm(grads)
       scale = jnp.minimum(1.0, grad_clip / jnp.maximum(norm, 1e-30))
       return loss, jax.tree.map(lambda x: x * scale, grads), norm
 
     split = lambda a: a.reshape((g, b // g) + a.shape[1:])
-    losses, grads, norms = lax.map(group_grad, (split(batch), split(t), split(noise), jnp.arange(g)))
+    losses, grads, norms = lax.map(group_grad, (split(batch), split(t), split(noise), split(labels), jnp.arange(g)))
     loss = jnp.mean(losses)
     grads = jax.tree.map(lambda x: jnp.mean(x, axis=0), grads)
     grad_norm = lax.pmean(jnp.mean(norms), axis_name)
     grads = lax.pmean(grads, axis_name)
   else:
-    loss, grads = grad_fn(state.params, batch, t, noise, dropout_key)
+    loss, grads = grad_fn(state.params, batch, t, noise, dropout_key, labels)
     grads = lax.pmean(grads, axis_name)
     grad_norm = optax.tree.norm(grads)
   loss = lax.pmean(loss, axis_name)
@@ -310,13 +396,28 @@ def make_p_train_step(devices=None, **step_kwargs) -> Callable:
 
 
 def make_p_sample(model: Any, schedule: schedule_lib.Schedule, *, shape_per_device: tuple[int, ...],
-                  mean_type: str, var_type: str, clip_denoised: bool, devices=None) -> Callable:
-  """pmapped ancestral sampling: ``p_sample(replicated_params, key) -> [D, n, H, W, C]`` in [-1, 1]."""
+                  mean_type: str, var_type: str, clip_denoised: bool, guidance_scale: float = 0.0,
+                  devices=None) -> Callable:
+  """pmapped ancestral sampling: ``p_sample(replicated_params, key) -> [D, n, H, W, C]`` in [-1, 1].
+
+  A class-conditional model draws image ``i`` (global index ``d * n + j``) of class ``i mod K``, with
+  classifier-free guidance ``guidance_scale``.
+  """
+  num_classes = getattr(model, 'num_classes', 0)
+
   def sample(params, key):
-    key = jax.random.fold_in(key, lax.axis_index(AXIS))
+    device = lax.axis_index(AXIS)
+    key = jax.random.fold_in(key, device)
 
     def denoise_fn(x_t, t):
       return model.apply({'params': params}, x_t, t, train=False)
+
+    if num_classes:
+      n = shape_per_device[0]
+      labels = (device * n + jnp.arange(n)) % num_classes
+      denoise_fn = sampling.classifier_free_guidance(
+          lambda x, t, y: model.apply({'params': params}, x, t, y, train=False), labels,
+          null_label=num_classes, guidance_scale=guidance_scale)
     return sampling.p_sample_loop(schedule, denoise_fn, shape_per_device, key, mean_type=mean_type,
                                   var_type=var_type, clip_denoised=clip_denoised)
   return jax.pmap(sample, axis_name=AXIS, in_axes=(0, None), devices=devices)
@@ -433,16 +534,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _save_config(config, workdir)
   t_wall = time.time()
 
-  d, m, df, o, t = config.data, config.model, config.diffusion, config.optim, config.train
+  d, df, o, t = config.data, config.diffusion, config.optim, config.train
   image_shape = (d.image_size, d.image_size, d.channels)
-  schedule = schedule_lib.get_schedule(df.beta_schedule, beta_start=df.beta_start, beta_end=df.beta_end,
-                                       num_timesteps=df.num_timesteps)
-  model = unet_lib.UNet(ch=m.ch, out_ch=_out_channels(d.channels, df.var_type), ch_mult=tuple(m.ch_mult),
-                        num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
-                        dropout=m.dropout, resamp_with_conv=m.resamp_with_conv, num_groups=m.num_groups,
-                        dtype=jnp.dtype(m.dtype))
-  tx = make_optimizer(lr=o.lr, warmup_steps=o.warmup_steps, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
-                      grad_clip=o.grad_clip, clip_in_optimizer=o.clip_groups == 0)
+  schedule = build_schedule(config)
+  model = build_model(config)
+  tx = build_optimizer(config)
   root = jax.random.key(config.seed)
   init_key, train_key, sample_key = (jax.random.fold_in(root, i) for i in range(3))
   data_seed = int(jax.random.randint(jax.random.fold_in(root, 3), (), 0, 2**31 - 1))
@@ -475,12 +571,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   n_dev = len(devices)
   common = dict(num_local_devices=n_dev, process_index=jax.process_index(), process_count=jax.process_count())
+  num_classes = int(config.model.get('num_classes', 0))
   if d.in_memory:
-    images = input_pipeline.load_array(d.dataset, split=d.split, image_size=d.image_size, channels=d.channels,
-                                       folder=d.folder, data_dir=d.data_dir)
-    logging.info('Data: %d images of %s held in memory.', len(images), images.shape[1:])
+    loaded = input_pipeline.load_array(d.dataset, split=d.split, image_size=d.image_size, channels=d.channels,
+                                       folder=d.folder, data_dir=d.data_dir, with_labels=bool(num_classes))
+    images, labels = loaded if num_classes else (loaded, None)
+    if labels is not None and (labels.min() < 0 or labels.max() >= num_classes):
+      raise ConfigError(f'Labels of {d.dataset!r} span {labels.min()}..{labels.max()}, outside '
+                        f'0..{num_classes - 1}: set model.num_classes to the number of classes.')
+    logging.info('Data: %d images of %s held in memory%s.', len(images), images.shape[1:],
+                 f', {num_classes} classes' if num_classes else '')
     batches = input_pipeline.in_memory_batches(images, global_batch=o.batch_size, seed=data_seed,
-                                               start_step=start_step, random_flip=d.random_flip, **common)
+                                               start_step=start_step, random_flip=d.random_flip, labels=labels,
+                                               **common)
   else:
     batches = input_pipeline.tfds_stream_batches(
         d.dataset, split=d.split, image_size=d.image_size, channels=d.channels, global_batch=o.batch_size,
@@ -491,21 +594,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   p_train_step = make_p_train_step(
       devices=devices, model=model, schedule=schedule, tx=tx, lr_fn=warmup_lr(o.lr, o.warmup_steps),
       ema_decay=o.ema_decay, mean_type=df.mean_type, var_type=df.var_type, loss_type=df.loss_type,
-      grad_clip=o.grad_clip, groups_per_device=o.clip_groups // jax.device_count() if o.clip_groups else 0)
+      grad_clip=o.grad_clip, groups_per_device=o.clip_groups // jax.device_count() if o.clip_groups else 0,
+      class_dropout=float(config.model.get('class_dropout', 0.0)) if num_classes else 0.0)
   p_sample = None
   if t.num_samples:
     p_sample = make_p_sample(model, schedule, shape_per_device=(t.num_samples // jax.device_count(),) + image_shape,
                              mean_type=df.mean_type, var_type=config.sample.var_type,
-                             clip_denoised=config.sample.clip_denoised, devices=devices)
+                             clip_denoised=config.sample.clip_denoised,
+                             guidance_scale=float(config.sample.get('guidance_scale', 0.0)), devices=devices)
 
   def write_samples(step, rstate):
     samples = p_sample(rstate.ema_params, jax.random.fold_in(sample_key, step))
     samples = input_pipeline.to_uint8(np.asarray(samples).reshape((-1,) + image_shape))
     path = None
     if is_chief:
-      scale = max(1, 128 // d.image_size)
-      path = image_grid.save_png(os.path.join(workdir, 'samples', f'step_{step:08d}.png'), samples, scale=scale)
-      writer.write_images(step, {'ema_samples': image_grid.make_grid(samples)[None]})
+      scale, ncols = max(1, 128 // d.image_size), None
+      if num_classes:  # make_p_sample gives image i the class i mod K: show one row per class
+        samples, ncols = image_grid.rows_by_class(samples, np.arange(len(samples)) % num_classes)
+      path = image_grid.save_png(os.path.join(workdir, 'samples', f'step_{step:08d}.png'), samples, scale=scale,
+                                 ncols=ncols)
+      writer.write_images(step, {'ema_samples': image_grid.make_grid(samples, ncols=ncols)[None]})
       logging.info('Wrote EMA samples to %s', path)
     return path
 
