@@ -27,6 +27,26 @@ def make_grid(images: np.ndarray, *, ncols: int | None = None, padding: int = 2,
   return grid
 
 
+def rows_by_class(images: np.ndarray, labels: np.ndarray, pad_value: int = 255) -> tuple[np.ndarray, int]:
+  """Reorders images so that a grid with the returned ``ncols`` has one row per class (ascending label).
+
+  Rows shorter than the largest class are filled with blank (``pad_value``) cells.
+
+  Returns:
+    ``(images [K * ncols, H, W, C], ncols)``.
+  """
+  images, labels = np.asarray(images), np.asarray(labels)
+  if len(images) != len(labels):
+    raise ValueError(f'{len(labels)} labels for {len(images)} images.')
+  classes = np.unique(labels)
+  ncols = int(max(np.sum(labels == k) for k in classes))
+  rows = []
+  for k in classes:
+    row = images[labels == k]
+    rows.append(np.concatenate([row, np.full((ncols - len(row),) + images.shape[1:], pad_value, images.dtype)]))
+  return np.concatenate(rows), ncols
+
+
 def save_png(path: str, images: np.ndarray, *, ncols: int | None = None, scale: int = 1, padding: int = 2) -> str:
   """Saves uint8 images [N, H, W, C] as a PNG grid (each pixel repeated ``scale`` times); returns the path."""
   from PIL import Image  # pylint: disable=g-import-not-at-top

@@ -32,6 +32,9 @@ TFDS_DATASETS = {
     'lsun/cat': 'lsun/cat',
 }
 DATASETS = tuple(TFDS_DATASETS) + ('digits', 'folder')
+# Datasets with class labels (for class-conditional training) and their number of classes; a folder's classes
+# are its sub-folders (see `load_folder_labeled`).
+LABELED_DATASETS = {'cifar10': 10, 'digits': 10, 'folder': None}
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 
 
@@ -113,6 +116,18 @@ def load_digits(image_size: int = 8) -> np.ndarray:
   return images
 
 
+def load_digits_labels() -> np.ndarray:
+  """The class (0..9) of each of scikit-learn's digits, int32 [1797], in `load_digits` order."""
+  from sklearn.datasets import load_digits as _load  # pylint: disable=g-import-not-at-top
+  return _load().target.astype(np.int32)
+
+
+def folder_classes(folder: str) -> list[str]:
+  """Class names of a labelled image folder: its immediate sub-folders that hold images, sorted."""
+  return sorted(d for d in os.listdir(folder)
+                if os.path.isdir(os.path.join(folder, d)) and list_image_files(os.path.join(folder, d)))
+
+
 def list_image_files(folder: str) -> list[str]:
   """Sorted paths of the PNG/JPEG files under ``folder`` (recursive)."""
   paths = []
@@ -135,6 +150,26 @@ def load_folder(folder: str, image_size: int, channels: int = 3) -> np.ndarray:
       im = im.convert('L' if channels == 1 else 'RGB')
       out.append(_resize_uint8(np.asarray(im), image_size, channels))
   return np.stack(out)
+
+
+def load_folder_labeled(folder: str, image_size: int, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+  """A folder with one sub-folder per class (``folder/<class>/*.png``): images and labels by sorted class name.
+
+  Returns:
+    ``(uint8 [N, S, S, C], int32 [N])``; images in `load_folder` order (sorted paths).
+  """
+  classes = folder_classes(folder)
+  if not classes:
+    raise ValueError(f'{folder!r} has no sub-folders with images; class-conditional training on a folder needs '
+                     'one sub-folder per class (folder/<class name>/*.png).')
+  images = load_folder(folder, image_size, channels)
+  paths = list_image_files(folder)
+  top = [os.path.relpath(p, folder).split(os.sep)[0] for p in paths]
+  stray = [p for p, t in zip(paths, top) if t not in classes]
+  if stray:
+    raise ValueError(f'{len(stray)} images of {folder!r} lie outside the class sub-folders (e.g. {stray[0]!r}); '
+                     'move them into a class folder.')
+  return images, np.asarray([classes.index(t) for t in top], np.int32)
 
 
 def _tfds_dataset(name: str, split: str, data_dir: str | None, shuffle_files: bool, seed: int | None):
@@ -167,23 +202,38 @@ def _tf_preprocess(tf, image_size: int, channels: int):
 
 
 def load_tfds_array(name: str, split: str, image_size: int, channels: int = 3,
-                    data_dir: str | None = None) -> np.ndarray:
-  """A whole tfds split decoded into host memory as uint8 [N, S, S, C] (in file order)."""
+                    data_dir: str | None = None, with_labels: bool = False):
+  """A whole tfds split decoded into host memory as uint8 [N, S, S, C] (in file order).
+
+  With ``with_labels`` returns ``(images, labels int32 [N])`` from the examples' ``label`` feature.
+  """
   tf, ds = _tfds_dataset(name, split, data_dir, shuffle_files=False, seed=None)
-  ds = ds.map(_tf_preprocess(tf, image_size, channels), num_parallel_calls=tf.data.AUTOTUNE)
+  prep = _tf_preprocess(tf, image_size, channels)
+  if with_labels:
+    ds = ds.map(lambda ex: (prep(ex), tf.cast(ex['label'], tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
+    batches = list(ds.batch(1024).as_numpy_iterator())
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+  ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE)
   batches = [b for b in ds.batch(1024).as_numpy_iterator()]
   return np.concatenate(batches, axis=0)
 
 
 def load_array(dataset: str, *, split: str = 'train', image_size: int, channels: int,
-               folder: str = '', data_dir: str = '') -> np.ndarray:
-  """Any known source (``DATASETS``) as an in-memory uint8 array [N, S, S, C]."""
+               folder: str = '', data_dir: str = '', with_labels: bool = False):
+  """Any known source (``DATASETS``) as an in-memory uint8 array [N, S, S, C].
+
+  With ``with_labels`` returns ``(images, labels int32 [N])``; only ``LABELED_DATASETS`` have labels.
+  """
+  if with_labels and dataset not in LABELED_DATASETS:
+    raise ValueError(f'{dataset!r} has no class labels; labelled datasets are {sorted(LABELED_DATASETS)}.')
   if dataset == 'digits':
-    return load_digits(image_size)
+    images = load_digits(image_size)
+    return (images, load_digits_labels()) if with_labels else images
   if dataset == 'folder':
-    return load_folder(folder, image_size, channels)
+    return load_folder_labeled(folder, image_size, channels) if with_labels else load_folder(
+        folder, image_size, channels)
   if dataset in TFDS_DATASETS:
-    return load_tfds_array(dataset, split, image_size, channels, data_dir or None)
+    return load_tfds_array(dataset, split, image_size, channels, data_dir or None, with_labels=with_labels)
   raise ValueError(f'Unknown dataset {dataset!r}; choose one of {DATASETS}.')
 
 
@@ -231,11 +281,12 @@ def shard(batch: np.ndarray, num_devices: int) -> np.ndarray:
 
 def in_memory_batches(images: np.ndarray, *, global_batch: int, seed: int, start_step: int = 0,
                       random_flip: bool = True, num_local_devices: int = 1, process_index: int = 0,
-                      process_count: int = 1) -> Iterator[np.ndarray]:
+                      process_count: int = 1, labels: np.ndarray | None = None) -> Iterator[np.ndarray | dict]:
   """Yields this host's part of every global batch from ``start_step`` on, sharded and in [-1, 1].
 
   Args:
     images: uint8 [N, H, W, C], the whole split.
+    labels: optional int [N] class labels; then each batch is ``{'image': ..., 'label': int32 [D, b]}``.
     global_batch: batch size over all hosts and devices.
     seed: data seed; batch ``step`` depends only on (seed, step, global_batch).
     start_step: the first step to yield (the step a resumed run restarts from).
@@ -245,8 +296,11 @@ def in_memory_batches(images: np.ndarray, *, global_batch: int, seed: int, start
     process_count: number of hosts.
 
   Yields:
-    float32 [num_local_devices, global_batch / (process_count * num_local_devices), H, W, C] in [-1, 1].
+    float32 [num_local_devices, global_batch / (process_count * num_local_devices), H, W, C] in [-1, 1]
+    (or a dict with it as ``image`` and the labels as ``label`` when ``labels`` is given).
   """
+  if labels is not None and len(labels) != len(images):
+    raise ValueError(f'{len(labels)} labels for {len(images)} images.')
   host = _host_slice(global_batch, process_index, process_count)
   step = start_step
   while True:
@@ -255,7 +309,11 @@ def in_memory_batches(images: np.ndarray, *, global_batch: int, seed: int, start
     if random_flip:
       flips = np.random.default_rng([seed, step, 1]).random(global_batch) < 0.5
       batch = np.where(flips[:, None, None, None], batch[:, :, ::-1], batch)
-    yield shard(to_model_range(batch[host]), num_local_devices)
+    x = shard(to_model_range(batch[host]), num_local_devices)
+    if labels is None:
+      yield x
+    else:
+      yield {'image': x, 'label': shard(np.asarray(labels, np.int32)[idx][host], num_local_devices)}
     step += 1
 
 

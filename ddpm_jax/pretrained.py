@@ -91,6 +91,33 @@ SCHEDULER_CONFIG = 'scheduler_config.json'
 EMA_SUFFIX = 'ExponentialMovingAverage'
 
 
+def check_conditioning(model: UNet, class_label: Any, guidance_scale: float) -> None:
+  """Raises ValueError (before anything compiles) for labels or guidance the model cannot use.
+
+  Args:
+    model: the U-Net (``model.num_classes`` 0 = unconditional).
+    class_label: None, an int or an int array of labels in ``0..num_classes`` (``num_classes`` = null class).
+    guidance_scale: classifier-free guidance weight, >= 0.
+  """
+  k = getattr(model, 'num_classes', 0)
+  if not k:
+    if class_label is not None:
+      raise ValueError(f'class_label={class_label!r} given, but this model is unconditional (num_classes=0); '
+                       'drop --class_label.')
+    if guidance_scale:
+      raise ValueError(f'guidance_scale={guidance_scale!r} needs a class-conditional model (this one has '
+                       'num_classes=0); use --guidance_scale 0.')
+    return
+  if not guidance_scale >= 0:
+    raise ValueError(f'guidance_scale must be >= 0 (0 = no guidance), got {guidance_scale!r}.')
+  if class_label is None:
+    raise ValueError(f'This model is class-conditional (num_classes={k}): pass a class label in 0..{k - 1} '
+                     f'(or {k}, the null class, for unconditional samples).')
+  labels = np.asarray(class_label)
+  if labels.dtype.kind not in 'iu' or labels.size == 0 or labels.min() < 0 or labels.max() > k:
+    raise ValueError(f'class_label must be ints in 0..{k - 1} (or {k}, the null class); got {class_label!r}.')
+
+
 class Pretrained(NamedTuple):
   """A released model, ready for the samplers.
 
@@ -116,10 +143,26 @@ class Pretrained(NamedTuple):
   in_channels: int
   source: str
 
-  def denoise_fn(self, params: Any = None):
-    """``denoise_fn(x_t, t)`` for :mod:`ddpm_jax.sampling` (pass ``params`` when jitting over them)."""
+  def denoise_fn(self, params: Any = None, *, class_label: Any = None, guidance_scale: float = 0.0):
+    """``denoise_fn(x_t, t)`` for :mod:`ddpm_jax.sampling` (pass ``params`` when jitting over them).
+
+    Args:
+      params: parameters (default ``self.params``).
+      class_label: for a class-conditional model, an int or [B] ints in 0..K-1 (the model's ``null_label()``
+        for unconditional samples); must be None for an unconditional model.
+      guidance_scale: classifier-free guidance weight w (conditional models only; 0 = none).
+    """
     params = self.params if params is None else params
-    return lambda x, t: self.model.apply({'params': params}, x, t, train=False)
+    check_conditioning(self.model, class_label, guidance_scale)
+    if class_label is None:
+      return lambda x, t: self.model.apply({'params': params}, x, t, train=False)
+    model_fn = lambda x, t, y: self.model.apply({'params': params}, x, t, y, train=False)
+
+    def denoise_fn(x, t):
+      labels = jnp.broadcast_to(jnp.asarray(class_label, jnp.int32), (x.shape[0],))
+      return sampling.classifier_free_guidance(model_fn, labels, null_label=self.model.null_label(),
+                                               guidance_scale=guidance_scale)(x, t)
+    return denoise_fn
 
   def sample_kwargs(self) -> dict:
     """Keyword arguments of :func:`ddpm_jax.sampling.p_sample_loop` for this release."""
@@ -302,6 +345,9 @@ def to_diffusers_state_dict(params: Mapping, *, legacy_attention_names: bool = F
 def diffusers_config(model: UNet, image_size: int, in_channels: int = 3) -> dict:
   """The diffusers ``UNet2DModel`` ``config.json`` equivalent to ``model`` (the inverse of
   :func:`unet_from_diffusers_config`)."""
+  if getattr(model, 'num_classes', 0):
+    raise ValueError(f'Only unconditional models map to the DDPM UNet2DModel layout; this one has '
+                     f'num_classes={model.num_classes}.')
   levels = len(model.ch_mult)
   attn = [image_size // 2**i in model.attn_resolutions for i in range(levels)]
   return dict(

@@ -173,6 +173,7 @@ def validate_unet_config(
   dtype: Any = jnp.float32,
   param_dtype: Any = jnp.float32,
   remat: bool = False,
+  num_classes: int = 0,
 ) -> None:
   """Checks U-Net field values; raises ``ValueError`` naming the bad value and the fix.
 
@@ -213,6 +214,10 @@ def validate_unet_config(
     raise ValueError(f"resamp_with_conv must be a bool; got {resamp_with_conv!r}.")
   if not isinstance(remat, (bool, np.bool_)):
     raise ValueError(f"remat must be a bool; got {remat!r}.")
+  if not _is_int(num_classes) or num_classes < 0:
+    raise ValueError(
+      f"num_classes must be an int >= 0 (0 = unconditional, the paper's models); got {num_classes!r}."
+    )
   if not _is_int(num_groups) or num_groups < 1:
     raise ValueError(f"num_groups must be a positive int (32 in the original); got {num_groups!r}.")
   if ch < 4:
@@ -536,7 +541,7 @@ class _UpLevel(nn.Module):
 
 
 class UNet(nn.Module):
-  """DDPM U-Net (TF ``unet.model``), unconditional, NHWC.
+  """DDPM U-Net (TF ``unet.model``), NHWC; unconditional unless ``num_classes > 0``.
 
   Field values are validated at construction (``__post_init__``) and input
   shapes at trace time in ``__call__``; both raise ``ValueError`` before any
@@ -558,6 +563,11 @@ class UNet(nn.Module):
     remat: rematerialize each ResBlock and attention block in the backward
       pass (less activation memory, about one extra forward pass); the
       parameter tree and outputs are unchanged.
+    num_classes: 0 for the paper's unconditional models. ``K > 0`` adds a
+      class embedding ``label_emb`` (``nn.Embed(K + 1, 4ch)``, row ``K`` is the
+      null class used for classifier-free guidance) to the timestep embedding
+      after its MLP, as in Improved DDPM / Ho & Salimans 2022; ``y`` is then
+      required. The original TF code had no class conditioning.
   """
 
   ch: int = 128
@@ -571,6 +581,7 @@ class UNet(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
+  num_classes: int = 0
 
   def __post_init__(self):
     self.check_config()
@@ -591,13 +602,22 @@ class UNet(nn.Module):
     """Validates ``x``/``t`` shapes for this model; raises ``ValueError``. Builds nothing."""
     validate_unet_input(x_shape, t_shape, ch_mult=self.ch_mult)
 
+  @nn.nowrap
+  def null_label(self) -> int:
+    """The label of the null class (``num_classes``), for classifier-free guidance."""
+    if not self.num_classes:
+      raise ValueError("An unconditional UNet (num_classes=0) has no class labels.")
+    return int(self.num_classes)
+
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array] = None, *, train: bool) -> jax.Array:
     """Predicts the model output (eps, or eps + variance logits if out_ch=6).
 
     Args:
       x: ``[B, H, W, C]`` float images (NHWC); H, W divisible by 2**(len(ch_mult)-1).
       t: ``[B]`` integer timestep indices 0..T-1.
+      y: ``[B]`` integer class labels in ``0..num_classes`` (``num_classes`` = the
+        null class) for a class-conditional model; must be None otherwise.
       train: enables dropout (needs the ``'dropout'`` RNG when dropout > 0).
 
     Returns:
@@ -606,6 +626,15 @@ class UNet(nn.Module):
     x = jnp.asarray(x)
     t = jnp.asarray(t)
     self.check_input_shape(x.shape, t.shape)  # Python-level, at trace time
+    if self.num_classes and y is None:
+      raise ValueError(
+        f"This UNet is class-conditional (num_classes={self.num_classes}): pass labels y [B] "
+        f"(use {self.num_classes}, the null class, for an unconditional prediction)."
+      )
+    if not self.num_classes and y is not None:
+      raise ValueError("This UNet is unconditional (num_classes=0): y must be None.")
+    if y is not None and tuple(jnp.shape(y)) != (x.shape[0],):
+      raise ValueError(f"y must have shape [B] = ({x.shape[0]},); got {tuple(jnp.shape(y))}.")
     attn_res = tuple(self.attn_resolutions)
     num_levels = len(self.ch_mult)
     # Accept dtype names from configs ('bfloat16') as well as dtype objects.
@@ -613,6 +642,10 @@ class UNet(nn.Module):
     common = dict(num_groups=self.num_groups, dtype=dtype, param_dtype=param_dtype, remat=bool(self.remat))
 
     temb = _TimestepMLP(self.ch, dtype, param_dtype, name="temb")(t)
+    if self.num_classes:
+      temb = temb + nn.Embed(
+        self.num_classes + 1, 4 * self.ch, dtype=dtype, param_dtype=param_dtype, name="label_emb"
+      )(jnp.asarray(y, jnp.int32))
 
     hs = [_conv3x3(self.ch, dtype, param_dtype, "conv_in")(x)]
     for i in range(num_levels):
@@ -660,6 +693,7 @@ _UNET_FIELDS = (
   "dtype",
   "param_dtype",
   "remat",
+  "num_classes",
 )
 
 
