@@ -21,6 +21,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Keep TensorFlow (tf.data only) off the accelerators before anything imports it.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  from ddpm_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
+  cpu_tuning.tune_cpu('train')  # faster XLA:CPU kernels for training; no effect on GPU/TPU
   from ddpm_jax import train_lib  # pylint: disable=g-import-not-at-top
   workdir = _WORKDIR.value
   if workdir is None:

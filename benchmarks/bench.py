@@ -43,6 +43,7 @@ from jax import lax
 # Run as a script from a checkout: make the repository root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ddpm_jax import cpu_tuning
 from ddpm_jax import pretrained
 from ddpm_jax import sampling
 from ddpm_jax import schedule as schedule_lib
@@ -344,7 +345,7 @@ def run(*, batch: int = 32, train_steps: int = 3, sample_steps: int = 4, sample_
   if 'jax' in impls:
     r = Result('jax', jax.local_devices()[0].device_kind, batch, dtype, nparams,
                peak_kind='device peak_bytes_in_use' if on_gpu else CpuPeak.kind,
-               notes=f'remat={remat} steps_per_call={steps_per_call}')
+               notes=f'remat={remat} steps_per_call={steps_per_call} XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
     if train_steps:
       tr = bench_jax_train(model, batch=batch, steps=train_steps, k=steps_per_call)
       r.train_img_s, r.train_compile_s, r.train_peak_mb = tr['img_s'], tr['compile_s'], tr['peak_mb']
@@ -398,24 +399,43 @@ def table(results: Sequence[Result]) -> str:
   return '\n'.join(out)
 
 
-def run_isolated(argv: Sequence[str], impls: Sequence[str]) -> list[Result]:
+def _merge(a: Result, b: Result) -> Result:
+  """``a`` with the measurements it lacks taken from ``b`` (the same implementation, another phase)."""
+  fields = {f.name: getattr(a, f.name) if getattr(a, f.name) is not None else getattr(b, f.name)
+            for f in dataclasses.fields(Result)}
+  fields['notes'] = '; '.join(n for n in (a.notes, b.notes) if n)
+  return Result(**fields)
+
+
+def run_isolated(argv: Sequence[str], impls: Sequence[str], *, cpu_tuning: str = 'auto') -> list[Result]:
   """Runs each implementation in its own Python process and collects the results.
 
   In one process the second framework is measured next to the first one's idle thread pool (XLA's CPU
   workers spin after each call): measured here, the torch peer ran 18x slower after a JAX run in the same
-  process. A fresh process per implementation also gives each its own peak-RSS baseline.
+  process. A fresh process per implementation also gives each its own peak-RSS baseline. With
+  ``cpu_tuning='auto'`` JAX's training and sampling run in separate processes too, each with the XLA:CPU
+  setting the commands use for it (``ddpm_jax.cpu_tuning``: train.py 'train', sample.py 'inference').
   """
   import subprocess
   import tempfile
-  results = []
+  jobs = []  # (impl, extra argv)
   for impl in impls:
+    if impl == 'jax' and cpu_tuning == 'auto':
+      jobs += [('jax', ['--sample_steps', '0', '--cpu_tuning', 'train']),
+               ('jax', ['--train_steps', '0', '--cpu_tuning', 'inference'])]
+    else:
+      jobs.append((impl, ['--cpu_tuning', cpu_tuning] if impl == 'jax' else []))
+  results: dict[str, Result] = {}
+  for impl, extra in jobs:
     with tempfile.TemporaryDirectory() as tmp:
       out = os.path.join(tmp, 'r.json')
-      cmd = [sys.executable, os.path.abspath(__file__), *argv, '--impl', impl, '--json', out, '--in_process']
+      cmd = [sys.executable, os.path.abspath(__file__), *argv, *extra, '--impl', impl, '--json', out, '--in_process']
       subprocess.run(cmd, check=True)
       with open(out) as f:
-        results += [Result(**r) for r in json.load(f)['results']]
-  return results
+        for r in json.load(f)['results']:
+          r = Result(**r)
+          results[impl] = _merge(results[impl], r) if impl in results else r
+  return list(results.values())
 
 
 def _strip(argv: Sequence[str], names: Sequence[str]) -> list[str]:
@@ -447,6 +467,8 @@ def main(argv=None):
   p.add_argument('--steps_per_call', type=int, default=1)
   p.add_argument('--tiny', action='store_true', help='tiny model (smoke test)')
   p.add_argument('--matmul_precision', default=None, help="jax_default_matmul_precision, e.g. 'bfloat16'")
+  p.add_argument('--cpu_tuning', default='auto', choices=('auto', 'train', 'inference', 'none'),
+                 help="XLA:CPU setting (ddpm_jax.cpu_tuning): 'auto' = what train.py / sample.py use for each phase")
   p.add_argument('--in_process', action='store_true',
                  help='measure every impl in this process (default: one subprocess per impl when several)')
   p.add_argument('--json', default=None, help='write results + environment here')
@@ -455,6 +477,10 @@ def main(argv=None):
   bad = set(impls) - {'jax', 'torch'}
   if bad:
     p.error(f'unknown --impl {sorted(bad)}; use jax, torch or jax,torch')
+  isolated = not a.in_process and (len(impls) > 1 or (a.cpu_tuning == 'auto' and a.train_steps and a.sample_steps))
+  if not isolated and a.cpu_tuning != 'none':  # before anything starts JAX's backends
+    phase = a.cpu_tuning if a.cpu_tuning != 'auto' else ('train' if a.train_steps else 'inference')
+    cpu_tuning.tune_cpu(phase)
   if a.matmul_precision:
     jax.config.update('jax_default_matmul_precision', a.matmul_precision)
   env = environment()
@@ -462,8 +488,9 @@ def main(argv=None):
   print('command:', ' '.join(['python', sys.argv[0]] + argv), f'| load average {os.getloadavg()}', flush=True)
   t0 = time.time()
   load0 = os.getloadavg()
-  if len(impls) > 1 and not a.in_process:
-    results = run_isolated(_strip(argv, ('--impl', '--json', '--in_process')), impls)
+  if isolated:
+    results = run_isolated(_strip(argv, ('--impl', '--json', '--in_process', '--cpu_tuning')), impls,
+                           cpu_tuning=a.cpu_tuning)
   else:
     results = run(batch=a.batch, train_steps=a.train_steps, sample_steps=a.sample_steps,
                   sample_repeats=a.sample_repeats, dtype=a.dtype, impls=impls, remat=a.remat,

@@ -37,6 +37,7 @@ import scipy.special
 from tqdm.auto import tqdm
 
 from ddpm_jax import inception as inception_lib
+from ddpm_jax import input_pipeline
 
 
 class Features(NamedTuple):
@@ -74,23 +75,8 @@ FeatureFn = Callable[[np.ndarray], 'Features | np.ndarray']
 # Pixels
 
 
-def to_uint8(x: Any) -> np.ndarray:
-  """Model output in [−1, 1] → uint8 in {0..255}: clip, (x+1)·127.5, round half up (see module docstring).
-
-  Args:
-    x: float array of any shape (numpy or jax), nominally in [−1, 1]; values outside are clipped.
-
-  Returns:
-    uint8 numpy array of the same shape.
-
-  Raises:
-    ValueError: if x contains NaN (a diverged sampler should fail loudly, not map to some pixel value).
-  """
-  x = np.asarray(x, dtype=np.float64)  # float64: (x+1)*127.5 of float32 inputs lands within 1e-5 of integers
-  if np.isnan(x).any():
-    raise ValueError(f'to_uint8: input contains {int(np.isnan(x).sum())} NaN values')
-  v = (np.clip(x, -1.0, 1.0) + 1.0) * 127.5
-  return np.floor(v + 0.5).astype(np.uint8)
+# `to_uint8` lives with the other pixel-range conversions; re-exported here for the FID code and its users.
+to_uint8 = input_pipeline.to_uint8
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -484,7 +470,7 @@ def bpd_over_dataset(model: Any, params: Any, schedule: Any, batches: Iterable[n
     A :class:`BpdSummary`.
   """
   import flax.jax_utils  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import diffusion, input_pipeline  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import diffusion  # pylint: disable=g-import-not-at-top
 
   devices = list(devices or jax.local_devices())
   n_dev = len(devices)
@@ -531,7 +517,7 @@ def bpd_over_dataset(model: Any, params: Any, schedule: Any, batches: Iterable[n
 # The evaluate.py command
 
 
-def run_fid(*, samples_dir: str, inception_weights: str, ref_stats: str, ref_dataset: str = 'cifar10',
+def run_fid(*, samples_dir: str, inception_weights: str | None, ref_stats: str, ref_dataset: str = 'cifar10',
             ref_split: str = 'train', ref_folder: str = '', data_dir: str = '', batch_size: int = 200,
             num_splits: int = 10, progress: bool = True) -> dict[str, float]:
   """FID and IS of a ``sample.py`` folder against cached (or freshly computed) reference statistics.
@@ -540,7 +526,8 @@ def run_fid(*, samples_dir: str, inception_weights: str, ref_stats: str, ref_dat
 
   Args:
     samples_dir: folder of ``samples_*.npz`` shards.
-    inception_weights: the FID Inception weights (``.npz`` of ours, or pytorch-fid's ``.pth``).
+    inception_weights: the FID Inception weights (``.npz`` of ours, or pytorch-fid's ``.pth``); None downloads
+      pytorch-fid's file into ``inception.default_weights_dir()`` once (checked by its sha256 prefix).
     ref_stats: ``.npz`` of reference statistics; computed from ``ref_dataset``/``ref_split`` (or
       ``ref_folder``) and written there if missing.
     ref_dataset, ref_split, ref_folder, data_dir: where the reference images come from.
@@ -551,8 +538,10 @@ def run_fid(*, samples_dir: str, inception_weights: str, ref_stats: str, ref_dat
   Returns:
     {'fid', 'inception_score', 'inception_score_std', 'num_samples', 'num_reference_images'}.
   """
-  from ddpm_jax import input_pipeline, sample_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import sample_lib  # pylint: disable=g-import-not-at-top
 
+  if inception_weights is None:  # the standard file, downloaded once into the cache (needs the network)
+    inception_weights = inception_lib.fetch_inception_weights()
   if not os.path.isfile(inception_weights):
     raise FileNotFoundError(
         f'Inception weights {inception_weights!r} not found. Download pytorch-fid\'s '
@@ -583,7 +572,7 @@ def run_bpd(*, workdir: str | None, pretrained: str | None, dataset: str, split:
   Returns:
     {'bpd', 'num_images', 'prior_bpd', 'decoder_bpd', 'terms_bpd' (list of T), 'mse' (list of T), 'source'}.
   """
-  from ddpm_jax import input_pipeline, sample_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import sample_lib  # pylint: disable=g-import-not-at-top
 
   loaded = sample_lib.load_model(workdir=workdir, pretrained=pretrained, step=step)
   batches = input_pipeline.eval_images(dataset, split=split, image_size=loaded.image_size,
@@ -614,7 +603,6 @@ def digits_classifier(seed: int = 0, test_fraction: float = 0.2) -> tuple[Any, f
     ``(classifier, held_out_accuracy)``; ``classifier.predict(x)`` takes images flattened to [N, 64] / 255.
   """
   from sklearn import svm  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
   images = input_pipeline.load_digits(8).reshape(-1, 64).astype(np.float64) / 255.0
   labels = input_pipeline.load_digits_labels()

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion, sampling
+from ddpm_jax import diffusion, editing, sampling
 from ddpm_jax.diffusion import DenoiseFn
 from ddpm_jax.schedule import Schedule
 
@@ -104,11 +104,7 @@ def reconstruct(schedule: Schedule, denoise_fn: DenoiseFn, x0: jax.Array, t: int
     A :class:`Reconstruction`.
   """
   _check_timestep(schedule, t)
-  noise_key, sample_key = jax.random.split(key)
-  x_t = diffusion.q_sample(schedule, x0, jnp.full((x0.shape[0],), t, jnp.int32),
-                           jax.random.normal(noise_key, x0.shape, x0.dtype))
-  x_rec = sampling.p_sample_loop(schedule, denoise_fn, x0.shape, sample_key, x_init=x_t, start_t=int(t),
-                                 **sampler_kwargs)
+  x_t, x_rec = editing.sdedit(schedule, denoise_fn, x0, int(t), key, **sampler_kwargs)  # the same chain as SDEdit
   diff = jnp.clip(x_rec, -1, 1) - x0
   l2 = jnp.sqrt(jnp.sum(jnp.square(diff), axis=tuple(range(1, x0.ndim))))
   rmse = jnp.sqrt(diffusion.mean_flat(jnp.square(diff))) * 127.5

@@ -28,8 +28,9 @@ because its port of the weights is the one we load.
 
 Weights live in our own flat `.npz` format: keys are '/'-joined Flax variable paths (`params/fc/kernel`,
 `batch_stats/Mixed_7c/branch_pool/bn/var`, ...), arrays in Flax layouts (conv kernels [kh, kw, in, out], dense
-kernels [in, out]). `convert_pytorch_fid_weights` writes that file from pytorch-fid's `.pth` (needs torch, the
-`reference` extra); `fetch_inception_weights` downloads the `.pth` when the network allows.
+kernels [in, out]). `load_inception_params` also reads pytorch-fid's `.pth` directly (with `ddpm_jax.torch_files`,
+no torch needed) and `convert_pytorch_fid_weights` turns it into our `.npz`; `fetch_inception_weights` downloads
+the `.pth` when the network allows.
 """
 
 from __future__ import annotations
@@ -357,7 +358,8 @@ def load_inception_params(path: str | os.PathLike) -> dict[str, Any]:
 
   Args:
     path: our flat `.npz` (see module docstring; written by `convert_pytorch_fid_weights` or
-      `save_inception_params`), or pytorch-fid's `.pth` itself (converted in memory; needs torch).
+      `save_inception_params`), or pytorch-fid's `.pth` itself (converted in memory, read without torch by
+      `ddpm_jax.torch_files`).
 
   Returns:
     {'params': ..., 'batch_stats': ...} of float32 jax arrays, checked name by name and shape by shape against
@@ -419,19 +421,12 @@ def convert_pytorch_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.nd
 
 
 def _torch_load_state_dict(pth_path: str) -> dict[str, np.ndarray]:
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(
-      "Reading pytorch-fid's .pth needs PyTorch: `pip install ddpm-jax[reference]` (or `pip install torch`), "
-      'or convert the weights on a machine that has it.'
-    ) from e
-  state_dict = torch.load(pth_path, map_location='cpu', weights_only=True)
-  return {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
+  from ddpm_jax import torch_files  # pylint: disable=import-outside-toplevel
+  return torch_files.load_state_dict(pth_path)
 
 
 def convert_pytorch_fid_weights(pth_path: str | os.PathLike, npz_out: str | os.PathLike) -> str:
-  """Convert pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` into our `.npz` (needs torch; lazy import).
+  """Convert pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` into our `.npz` (no torch needed).
 
   Returns:
     `npz_out` as a string. The result loads with `load_inception_params` without torch.
@@ -477,8 +472,8 @@ def fetch_inception_weights(dest: str | os.PathLike | None = None, url: str = PY
   except (urllib.error.URLError, OSError) as e:
     raise RuntimeError(
       f'Could not download the FID Inception weights from {url} ({e}). Without network access, copy '
-      f'{PYTORCH_FID_WEIGHTS_FILENAME} (from that URL, on another machine) to {dest}, then run '
-      '`convert_pytorch_fid_weights(pth, npz)` where torch is installed, or pass the .npz you already have.'
+      f'{PYTORCH_FID_WEIGHTS_FILENAME} (from that URL, on another machine) to {dest} and pass its path, or '
+      'pass the .npz you already have.'
     ) from e
   finally:
     if os.path.exists(tmp):

@@ -50,9 +50,24 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
 
 
 def to_uint8(x) -> np.ndarray:
-  """Model-range images in [-1, 1] -> uint8, clipping then rounding (x + 1) * 127.5."""
-  x = np.asarray(x, dtype=np.float32)
-  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  """Model-range images in [-1, 1] -> uint8 {0..255}: clip, (x + 1) * 127.5, round half up.
+
+  Rounding is the exact inverse of `to_model_range` (a training image comes back as the same uint8 image); see
+  ``ddpm_jax.evaluation`` for why FID uses it rather than truncation.
+
+  Args:
+    x: float array of any shape (numpy or jax), nominally in [-1, 1]; values outside are clipped.
+
+  Returns:
+    uint8 numpy array of the same shape.
+
+  Raises:
+    ValueError: if x contains NaN (a diverged sampler should fail loudly, not map to some pixel value).
+  """
+  x = np.asarray(x, dtype=np.float64)  # float64: (x+1)*127.5 of float32 inputs lands within 1e-5 of integers
+  if np.isnan(x).any():
+    raise ValueError(f'to_uint8: input contains {int(np.isnan(x).sum())} NaN values; the sampler diverged.')
+  return np.floor((np.clip(x, -1.0, 1.0) + 1.0) * 127.5 + 0.5).astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -140,16 +155,18 @@ def list_image_files(folder: str) -> list[str]:
 
 def load_folder(folder: str, image_size: int, channels: int = 3) -> np.ndarray:
   """Every PNG/JPEG under ``folder``, center-cropped and resized, as uint8 [N, S, S, channels]."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   paths = list_image_files(folder)
   if not paths:
     raise ValueError(f'No PNG/JPEG images found under {folder!r}.')
-  out = []
-  for p in paths:
-    with Image.open(p) as im:
-      im = im.convert('L' if channels == 1 else 'RGB')
-      out.append(_resize_uint8(np.asarray(im), image_size, channels))
-  return np.stack(out)
+  return np.stack([load_image_file(p, image_size, channels) for p in paths])
+
+
+def load_image_file(path: str, image_size: int, channels: int = 3) -> np.ndarray:
+  """One PNG/JPEG file, converted to grey or RGB, center-cropped and resized, as uint8 [S, S, channels]."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(path) as im:
+    im = im.convert('L' if channels == 1 else 'RGB')
+    return _resize_uint8(np.asarray(im), image_size, channels)
 
 
 def load_folder_labeled(folder: str, image_size: int, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:

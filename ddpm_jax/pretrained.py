@@ -8,7 +8,7 @@ Two sources of the same weights:
   ``config.json`` plus ``diffusion_pytorch_model.safetensors`` (or ``.bin``), and a ``DDPMScheduler``
   ``scheduler_config.json``, either all at the folder root (the google/ddpm-* repos) or in ``unet/`` and
   ``scheduler/`` subfolders (what ``DDPMPipeline.save_pretrained`` writes). :func:`load_diffusers` reads
-  them with numpy (``safetensors.numpy``; torch only for ``.bin`` files), checks that the configuration is
+  them with numpy (``safetensors.numpy``, and ``ddpm_jax.torch_files`` for ``.bin`` files), checks that the configuration is
   one our :class:`~ddpm_jax.models.unet.UNet` represents exactly, maps every tensor by name and checks
   every shape. Nothing is loaded half-way: any missing, unexpected or mis-shaped tensor raises a
   ``ValueError`` that names the file and the tensors.
@@ -74,6 +74,7 @@ __all__ = [
     'diffusers_config',
     'convert_diffusers_state_dict',
     'load_tf_pretrained',
+    'release_for_architecture',
     'infer_tf_model',
     'to_tf_variables',
     'abstract_params',
@@ -591,17 +592,12 @@ def _load_state_dict(unet_dir: str) -> tuple[dict[str, np.ndarray], dict[str, st
       origin.update({k: f for k in part})
     return tensors, origin
   if os.path.isfile(bin_path):
+    from ddpm_jax import torch_files  # pylint: disable=g-import-not-at-top
     try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError(
-          f'{bin_path}: reading PyTorch .bin weights needs torch (pip install -e ".[reference]"), or convert '
-          f'the folder to {WEIGHTS_SAFETENSORS} once; safetensors files need no torch.') from e
-    try:
-      sd = torch.load(bin_path, map_location='cpu', weights_only=True)
+      sd = torch_files.load_state_dict(bin_path)  # numpy only: no torch at run time
     except Exception as e:
       raise ValueError(f'{bin_path}: cannot read PyTorch weights ({type(e).__name__}: {e}).') from e
-    tensors = {k: v.detach().to(torch.float32).numpy() for k, v in sd.items()}
+    tensors = {k: np.asarray(v, np.float32) for k, v in sd.items()}
     return tensors, {k: bin_path for k in tensors}
   raise ValueError(f'{unet_dir}: no weights found (looked for {WEIGHTS_SAFETENSORS}, {WEIGHTS_INDEX} and '
                    f'{WEIGHTS_BIN}).')
@@ -692,7 +688,7 @@ def load_diffusers(path_or_repo_id: str, *, var_type: str | None = None, clip_de
 
   Raises:
     ValueError: unsupported folder/config, or weights that do not match (names file and tensors).
-    ImportError: ``.bin`` weights without torch, or a download without huggingface_hub.
+    ImportError: a download without huggingface_hub.
   """
   folder = path_or_repo_id
   if not os.path.isdir(folder):
@@ -837,6 +833,19 @@ def infer_tf_model(var_shapes: Mapping[str, tuple[int, ...]], *, image_size: int
   return model, image_size
 
 
+def _tf_reader(ckpt_prefix: str):
+  """(TF checkpoint reader, {variable name: shape}) of a checkpoint prefix, with clear errors."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('reading TF checkpoints needs tensorflow (tensorflow-cpu).') from e
+  try:
+    reader = tf.train.load_checkpoint(ckpt_prefix)
+  except Exception as e:  # NotFoundError / DataLossError / ValueError depending on the damage
+    raise ValueError(f'{ckpt_prefix}: not a readable TF checkpoint ({type(e).__name__}: {e}).') from e
+  return reader, {k: tuple(v) for k, v in reader.get_variable_to_shape_map().items()}
+
+
 def load_tf_checkpoint(ckpt_prefix: str, model: UNet | None = None, *, ema: bool = True,
                        image_size: int | None = None, scope: str = 'model') -> dict:
   """Reads an original TF DDPM checkpoint (hojonathanho/diffusion) into our parameter tree.
@@ -861,15 +870,7 @@ def load_tf_checkpoint(ckpt_prefix: str, model: UNet | None = None, *, ema: bool
     ValueError: unreadable checkpoint, or missing / mis-shaped / unexpected variables (all listed, with the
       checkpoint name). ImportError: TensorFlow is not installed.
   """
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError('reading TF checkpoints needs tensorflow (tensorflow-cpu).') from e
-  try:
-    reader = tf.train.load_checkpoint(ckpt_prefix)
-  except Exception as e:  # NotFoundError / DataLossError / ValueError depending on the damage
-    raise ValueError(f'{ckpt_prefix}: not a readable TF checkpoint ({type(e).__name__}: {e}).') from e
-  var_shapes = {k: tuple(v) for k, v in reader.get_variable_to_shape_map().items()}
+  reader, var_shapes = _tf_reader(ckpt_prefix)
   if model is None:
     model, image_size = infer_tf_model(var_shapes, image_size=image_size, scope=scope, source=ckpt_prefix)
   elif image_size is None:
@@ -909,17 +910,42 @@ def load_tf_checkpoint(ckpt_prefix: str, model: UNet | None = None, *, ema: bool
   return _unflatten(out)
 
 
-def load_tf_pretrained(ckpt_prefix: str, release: str = 'google/ddpm-cifar10-32', *, ema: bool = True
-                       ) -> Pretrained:
-  """A released TF checkpoint as a :class:`Pretrained`, with the sampling settings of ``release``."""
-  info = RELEASES[release]
-  from ddpm_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
-  model = unet_lib.unet_cifar10(dropout=0.0) if info.image_size == 32 else unet_lib.unet_256()
-  params = load_tf_checkpoint(ckpt_prefix, model, ema=ema, image_size=info.image_size)
+def release_for_architecture(image_size: int, ch_mult: tuple[int, ...]) -> ReleaseInfo | None:
+  """The first of :data:`RELEASES` with this resolution and channel multipliers (None if no release has them)."""
+  for info in RELEASES.values():
+    if info.image_size == image_size and tuple(info.ch_mult) == tuple(ch_mult):
+      return info
+  return None
+
+
+def load_tf_pretrained(ckpt_prefix: str, release: str | None = None, *, ema: bool = True) -> Pretrained:
+  """A released TF checkpoint as a :class:`Pretrained`.
+
+  The architecture is read off the checkpoint (:func:`infer_tf_model`); the sampling settings are those of
+  ``release`` (one of :data:`RELEASES`) or, by default, of the release with the same architecture: the
+  CIFAR-10 settings (sigma^2 = beta) for ``model.ckpt-790000``, the LSUN/CelebA-HQ ones (sigma^2 = beta-tilde)
+  for the 256x256 checkpoints, as in the original code. A checkpoint that matches no release samples with
+  sigma^2 = beta at 32x32 and beta-tilde otherwise, with a warning.
+  """
+  if release is not None and release not in RELEASES:
+    raise ValueError(f'Unknown release {release!r}; choose one of {sorted(RELEASES)}.')
+  info = RELEASES[release] if release is not None else None
+  _, var_shapes = _tf_reader(ckpt_prefix)
+  model, image_size = infer_tf_model(var_shapes, image_size=info.image_size if info else None,
+                                     source=ckpt_prefix)
+  if info is None:
+    info = release_for_architecture(image_size, model.ch_mult)
+  if info is not None:
+    var_type, clip, what = info.var_type, info.clip_denoised, f'settings of {info.repo_id}'
+  else:
+    var_type, clip, what = ('fixedlarge' if image_size == 32 else 'fixedsmall'), True, 'default settings'
+    _log.warning('%s matches no released architecture; sampling with var_type=%s and clipping.', ckpt_prefix,
+                 var_type)
+  params = load_tf_checkpoint(ckpt_prefix, model, ema=ema, image_size=image_size)
   return Pretrained(model=model, params=params, schedule=sched_lib.get_schedule('linear'),
-                    var_type=info.var_type, clip_denoised=info.clip_denoised, mean_type='eps',
-                    image_size=info.image_size, in_channels=3,
-                    source=f'TF checkpoint {ckpt_prefix} ({"EMA" if ema else "raw"} weights)')
+                    var_type=var_type, clip_denoised=clip, mean_type='eps', image_size=image_size,
+                    in_channels=var_shapes['model/conv_in/W'][2],
+                    source=f'TF checkpoint {ckpt_prefix} ({"EMA" if ema else "raw"} weights, {what})')
 
 
 # --------------------------------------------------------------------------------------- entry point
@@ -927,8 +953,9 @@ def load_tf_pretrained(ckpt_prefix: str, release: str = 'google/ddpm-cifar10-32'
 def load_pretrained(spec: str, **kwargs) -> Pretrained:
   """What ``sample.py --pretrained SPEC`` calls: a diffusers folder or repo id, or a TF checkpoint prefix.
 
-  A TF checkpoint (``SPEC.index`` exists) is read with :func:`load_tf_pretrained` (CIFAR-10 settings unless
-  ``release=`` names another of :data:`RELEASES`); anything else goes to :func:`load_diffusers`.
+  A TF checkpoint (``SPEC.index`` exists) is read with :func:`load_tf_pretrained` (the settings of the release
+  with its architecture unless ``release=`` names one of :data:`RELEASES`); anything else goes to
+  :func:`load_diffusers`.
   """
   if os.path.isfile(spec + '.index'):
     return load_tf_pretrained(spec, **kwargs)

@@ -80,3 +80,21 @@ def test_bad_impl_is_rejected():
 def test_strip_options():
   assert bench._strip(['--batch', '4', '--impl', 'jax,torch', '--json=x', '--tiny'], ('--impl', '--json')) == [
       '--batch', '4', '--tiny']
+
+
+def test_auto_cpu_tuning_measures_each_phase_in_its_own_process(tmp_path):
+  """The default run: JAX's training and sampling in separate processes, each with the commands' XLA:CPU flag."""
+  out = tmp_path / 'r.json'
+  results = bench.main(['--tiny', '--batch', '2', '--train_steps', '1', '--sample_steps', '2', '--sample_repeats',
+                        '1', '--impl', 'jax', '--json', str(out)])
+  assert len(results) == 1 and results[0].impl == 'jax'
+  for f in FIELDS:
+    assert getattr(results[0], f) is not None, f
+  assert 'ynn_fusion_type=reduce' in results[0].notes and 'ynn_fusion_type=individual_dot' in results[0].notes
+
+
+def test_merge_fills_missing_fields():
+  a = bench.Result('jax', 'cpu', 2, 'float32', 10, train_img_s=1.0, notes='a')
+  b = bench.Result('jax', 'cpu', 2, 'float32', 10, sample_img_steps_s=5.0, train_img_s=9.0, notes='b')
+  m = bench._merge(a, b)
+  assert m.train_img_s == 1.0 and m.sample_img_steps_s == 5.0 and m.notes == 'a; b'

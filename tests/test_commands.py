@@ -1,4 +1,4 @@
-"""The commands on a training run's workdir: sample.py, evaluate.py (fid, bpd, class_accuracy) and figures.py.
+"""The commands on a training run's workdir: sample.py, evaluate.py (fid, bpd, class_accuracy), figures.py, edit.py.
 
 A tiny run is trained once per module (configs/tiny.py, T = 20); each command then loads its EMA parameters the
 way a user's command would.
@@ -170,6 +170,28 @@ def test_sample_and_figures_commands(run, tmp_path):
   assert res.returncode == 0, res.stderr[-3000:]
   with Image.open(png) as im:
     assert im.size[0] > 0
+
+
+def test_edit_command_inpaints_and_sdedits_a_workdir_model(run, tmp_path):
+  workdir, _ = run
+  out = str(tmp_path / 'inpaint')
+  res = _cli('edit.py', '--mode', 'inpaint', '--workdir', workdir, '--dataset', 'digits', '--num_images', '2',
+             '--mask', 'right', '--jump_length', '5', '--jump_n_sample', '2', '--num_samples', '2', '--out', out)
+  assert res.returncode == 0, res.stderr[-3000:]
+  summary = json.loads(res.stdout[res.stdout.index('{'):])
+  assert summary['known_pixels_max_abs_error'] == 0 and summary['network_calls_per_result'] == 20 + 5 * 3
+  digits = input_pipeline.load_digits()[:2]
+  with np.load(os.path.join(out, 'results.npz')) as f:
+    np.testing.assert_array_equal(f['inputs'], digits)
+    np.testing.assert_array_equal(f['results'][:, :, :, :4], np.broadcast_to(digits[:, None, :, :4], (2, 2, 8, 4, 1)))
+  png = tmp_path / 'one.png'
+  Image.fromarray(np.full((8, 8), 255, np.uint8)).save(png)
+  out = str(tmp_path / 'sdedit')
+  res = _cli('edit.py', '--mode', 'sdedit', '--workdir', workdir, '--image', str(png), '--t_start', '10', '--out', out)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert os.path.exists(os.path.join(out, 'grid.png')) and os.path.exists(os.path.join(out, 'result_000_03.png'))
+  res = _cli('edit.py', '--mode', 'sdedit', '--workdir', workdir, '--image', str(png), '--out', str(tmp_path / 'x'))
+  assert res.returncode != 0 and '--t_start' in res.stderr  # a clear error, before anything compiles
 
 
 def test_class_conditional_run_end_to_end(tmp_path):

@@ -430,3 +430,20 @@ def test_convert_pytorch_fid_pth_file_and_match_pytorch_forward(tmp_path):
   np.testing.assert_allclose(
     np.asarray(out['logits']), ref_logits, rtol=0, atol=1e-4 * np.abs(ref_logits).max()
   )
+
+
+def test_fetch_inception_weights_checks_the_hash_and_fails_clearly_offline(tmp_path, monkeypatch):
+  """The download path, with file:// URLs (no network here): a wrong file is refused and leaves nothing behind."""
+  fake = tmp_path / 'fake.pth'
+  fake.write_bytes(b'not the inception weights')
+  dest = tmp_path / 'cache'
+  with pytest.raises(RuntimeError, match='sha256'):
+    inc.fetch_inception_weights(dest, url=fake.as_uri())
+  assert not dest.exists() or not any(dest.iterdir())
+  with pytest.raises(RuntimeError, match='Could not download'):
+    inc.fetch_inception_weights(dest, url=(tmp_path / 'missing.pth').as_uri())
+  # An already present file is used as is (no download); the cache folder comes from DDPM_JAX_CACHE.
+  monkeypatch.setenv('DDPM_JAX_CACHE', str(dest))
+  dest.mkdir(exist_ok=True)
+  (dest / inc.PYTORCH_FID_WEIGHTS_FILENAME).write_bytes(b'x')
+  assert inc.fetch_inception_weights(url='file:///nowhere') == str(dest / inc.PYTORCH_FID_WEIGHTS_FILENAME)

@@ -207,13 +207,45 @@ def test_no_weights_and_corrupt_weights(tmp_path, tiny_params):
     pretrained.load_diffusers(folder)
 
 
-def test_bin_weights_without_torch(tmp_path, tiny_params, monkeypatch):
+def test_bin_weights_load_without_torch(tmp_path, tiny_params, monkeypatch):
+  torch = pytest.importorskip('torch')  # only to write the .bin, as diffusers' older releases did
   folder = _write_folder(tmp_path, tiny_params)
-  os.rename(os.path.join(folder, pretrained.WEIGHTS_SAFETENSORS), os.path.join(folder, pretrained.WEIGHTS_BIN))
-  monkeypatch.setitem(sys.modules, 'torch', None)  # import torch now raises ImportError
-  with pytest.raises(ImportError, match='needs torch') as err:
+  want = pretrained.load_diffusers(folder).params
+  sd = pretrained.to_diffusers_state_dict(tiny_params)
+  torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},
+             os.path.join(folder, pretrained.WEIGHTS_BIN))
+  os.remove(os.path.join(folder, pretrained.WEIGHTS_SAFETENSORS))
+  monkeypatch.setitem(sys.modules, 'torch', None)  # import torch now raises ImportError: the reader must not need it
+  pre = pretrained.load_diffusers(folder)
+  assert pretrained.WEIGHTS_BIN in pre.source
+  _assert_trees_equal(pre.params, want)
+  with open(os.path.join(folder, pretrained.WEIGHTS_BIN), 'wb') as f:
+    f.write(b'not a torch file')
+  with pytest.raises(ValueError, match='cannot read PyTorch weights'):
     pretrained.load_diffusers(folder)
-  assert pretrained.WEIGHTS_BIN in str(err.value)
+
+
+def test_sample_command_runs_a_released_model_folder(tmp_path, tiny_params):
+  """sample.py --pretrained <diffusers folder>: the release's own settings, its weights, exact counts."""
+  from ddpm_jax import sample_lib  # pylint: disable=g-import-not-at-top
+  folder = _write_folder(tmp_path / 'release', tiny_params,
+                         scheduler=dict(DDPM_SCHEDULER, num_train_timesteps=10, beta_end=0.2))
+  out = str(tmp_path / 'samples')
+  summary = sample_lib.run(workdir=None, pretrained=folder, out_dir=out, num_samples=3, batch_size=2, seed=1,
+                           progress=False)
+  assert summary['num_samples'] == 3 and summary['num_shards'] == 2
+  images = sample_lib.load_samples(out)
+  assert images.shape == (3, IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == np.uint8
+  with open(os.path.join(out, 'sampling.json')) as f:
+    settings = json.load(f)
+  assert settings['sampler']['var_type'] == 'fixedlarge' and settings['sampler']['clip_denoised'] is True
+  pre = pretrained.load_diffusers(folder)
+  assert pre.schedule.num_timesteps == 10
+  direct = sample_lib.BatchSampler(pre.model, pre.params, pre.schedule, sample_lib.SamplerSpec(),
+                                   (IMAGE_SIZE, IMAGE_SIZE, 3), seed=1)
+  np.testing.assert_array_equal(images, direct(np.arange(3)))
+  with pytest.raises(ValueError, match='exactly one'):
+    sample_lib.run(workdir=str(tmp_path), pretrained=folder, out_dir=out, num_samples=1, progress=False)
 
 
 @pytest.mark.parametrize('key, value, match', [
@@ -281,6 +313,29 @@ def test_tf_checkpoint_ema_and_raw(tf, tmp_path, tiny_params):
   _assert_trees_equal(pretrained.load_tf_checkpoint(prefix, image_size=IMAGE_SIZE), ema)
 
 
+@pytest.mark.parametrize('ch_mult, image_size, var_type, matched', [
+    ((1, 2, 2, 2), 32, 'fixedlarge', True),  # the CIFAR-10 layout: its release's settings
+    ((1, 1, 1, 1, 1, 1), 256, 'fixedsmall', False),  # 256x256, matching no release: the LSUN/CelebA code path
+])
+def test_tf_checkpoint_through_load_pretrained_reads_architecture_and_settings(tf, tmp_path, ch_mult, image_size,
+                                                                              var_type, matched):
+  model = unet_lib.UNet(ch=32, ch_mult=ch_mult, num_res_blocks=1, attn_resolutions=(16,), dropout=0.0)
+  rng = np.random.RandomState(1)
+  params = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32),
+                        pretrained.abstract_params(model, image_size))
+  prefix = _write_tf_checkpoint(tf, tmp_path / 'model.ckpt-1', _tf_variables(params))
+  pre = pretrained.load_pretrained(prefix)  # what sample.py --pretrained <prefix> calls
+  assert pre.model.config_fields() == model.config_fields() and pre.image_size == image_size
+  assert pre.var_type == var_type and pre.clip_denoised and pre.in_channels == 3
+  assert ('settings of google/' in pre.source) == matched
+  _assert_trees_equal(pre.params, jax.tree.map(lambda a: a + 1.0, params))  # the EMA shadow
+  forced = pretrained.load_tf_pretrained(prefix, 'google/ddpm-cifar10-32', ema=False) if matched else None
+  if forced is not None:
+    _assert_trees_equal(forced.params, params)
+  with pytest.raises(ValueError, match='Unknown release'):
+    pretrained.load_tf_pretrained(prefix, 'google/ddpm-cifar100')
+
+
 def test_tf_checkpoint_errors(tf, tmp_path, tiny_params):
   with pytest.raises(ValueError, match='not a readable TF checkpoint'):
     pretrained.load_tf_checkpoint(str(tmp_path / 'missing.ckpt'), TINY)
@@ -310,8 +365,14 @@ def test_tf_checkpoint_errors(tf, tmp_path, tiny_params):
 
 
 def test_load_pretrained_dispatches_tf_prefixes(tf, tmp_path, tiny_params):
-  # A TF prefix goes to the TF reader with the CIFAR-10 release architecture; the tiny checkpoint does not
-  # fit it, and the error names the checkpoint and the variables.
+  # A TF prefix goes to the TF reader, which reads the architecture off the checkpoint: a 2-level model has no
+  # default resolution, and the error names the checkpoint.
   prefix = _write_tf_checkpoint(tf, tmp_path / 'model.ckpt-1', _tf_variables(tiny_params))
-  with pytest.raises(ValueError, match=r'model\.ckpt-1: checkpoint does not match.*model/conv_in/W'):
+  with pytest.raises(ValueError, match=r'model\.ckpt-1: 2 levels; pass image_size'):
     pretrained.load_pretrained(prefix)
+  # A named release gives its resolution and settings; the architecture still comes from the checkpoint.
+  pre = pretrained.load_pretrained(prefix, release='google/ddpm-cifar10-32')
+  assert pre.image_size == 32 and pre.var_type == 'fixedlarge' and pre.model.ch_mult == TINY.ch_mult
+  # Loading into a given architecture that the checkpoint does not fit lists the variables.
+  with pytest.raises(ValueError, match=r'model\.ckpt-1: checkpoint does not match.*model/conv_in/W'):
+    pretrained.load_tf_checkpoint(prefix, unet_lib.unet_cifar10())

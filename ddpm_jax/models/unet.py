@@ -4,7 +4,7 @@ A parameter-for-parameter reimplementation of the TF original
 (github.com/hojonathanho/diffusion, ``diffusion_tf/models/unet.py`` and
 ``diffusion_tf/nn.py``). Layout is NHWC throughout.
 
-Architecture summary (see ``/work/shared/REFERENCE.md`` section 3):
+Architecture summary (each point as in the original ``unet.py`` / ``nn.py``):
 
 * ``get_timestep_embedding``: sinusoidal embedding of the *integer* step index
   (0..T-1, unscaled), ``sin`` half first, frequency denominator ``half - 1``.

@@ -1,0 +1,51 @@
+"""The XLA:CPU flag the commands set before JAX starts (each case in a fresh interpreter)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ddpm_jax import cpu_tuning
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fresh(code, **env):
+  full = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', **env)
+  if 'XLA_FLAGS' not in env:
+    full.pop('XLA_FLAGS', None)
+  res = subprocess.run([sys.executable, '-c', code], env=full, capture_output=True, text=True, timeout=120,
+                       check=False)
+  assert res.returncode == 0, res.stderr[-2000:]
+  return [line.removeprefix('flags:') for line in res.stdout.strip().splitlines()]
+
+
+CODE = '''
+import os
+from ddpm_jax import cpu_tuning
+print(cpu_tuning.tune_cpu({workload!r}))
+import jax
+jax.numpy.ones(3).block_until_ready()  # XLA starts with the flag (an unknown value would abort here)
+print('flags:' + os.environ.get('XLA_FLAGS', ''))
+'''
+
+
+@pytest.mark.parametrize('workload,value', [('train', 'reduce'), ('inference', 'individual_dot')])
+def test_flag_is_added_before_jax_starts(workload, value):
+  added, flags = _fresh(CODE.format(workload=workload))
+  assert added == f'{cpu_tuning.FLAG}={value}' and flags.endswith(added)
+
+
+def test_user_settings_win_and_late_calls_do_nothing():
+  added, flags = _fresh(CODE.format(workload='train'), XLA_FLAGS=f'{cpu_tuning.FLAG}=individual_dot')
+  assert added == 'None' and flags == f'{cpu_tuning.FLAG}=individual_dot'
+  added, flags = _fresh(CODE.format(workload='train'), DDPM_JAX_CPU_TUNING='0')
+  assert added == 'None' and cpu_tuning.FLAG not in flags
+  late = _fresh('import jax; jax.devices()\nfrom ddpm_jax import cpu_tuning\nprint(cpu_tuning.tune_cpu("train"))')
+  assert late == ['None']  # the backends already run: too late to change XLA flags
+
+
+def test_unknown_workload():
+  with pytest.raises(ValueError, match='workload'):
+    cpu_tuning.tune_cpu('serve')
