@@ -43,7 +43,7 @@ from jax import lax
 # Run as a script from a checkout: make the repository root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ddpm_jax import cpu_tuning
+from ddpm_jax import cpu_tuning as cpu_tuning_lib
 from ddpm_jax import pretrained
 from ddpm_jax import sampling
 from ddpm_jax import schedule as schedule_lib
@@ -430,7 +430,8 @@ def run_isolated(argv: Sequence[str], impls: Sequence[str], *, cpu_tuning: str =
     with tempfile.TemporaryDirectory() as tmp:
       out = os.path.join(tmp, 'r.json')
       cmd = [sys.executable, os.path.abspath(__file__), *argv, *extra, '--impl', impl, '--json', out, '--in_process']
-      subprocess.run(cmd, check=True)
+      # The child chooses its own XLA:CPU setting: it starts from the user's XLA_FLAGS, not this process's.
+      subprocess.run(cmd, check=True, env=dict(os.environ, XLA_FLAGS=cpu_tuning_lib.user_xla_flags()))
       with open(out) as f:
         for r in json.load(f)['results']:
           r = Result(**r)
@@ -480,7 +481,7 @@ def main(argv=None):
   isolated = not a.in_process and (len(impls) > 1 or (a.cpu_tuning == 'auto' and a.train_steps and a.sample_steps))
   if not isolated and a.cpu_tuning != 'none':  # before anything starts JAX's backends
     phase = a.cpu_tuning if a.cpu_tuning != 'auto' else ('train' if a.train_steps else 'inference')
-    cpu_tuning.tune_cpu(phase)
+    cpu_tuning_lib.tune_cpu(phase)
   if a.matmul_precision:
     jax.config.update('jax_default_matmul_precision', a.matmul_precision)
   env = environment()

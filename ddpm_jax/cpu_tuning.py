@@ -30,6 +30,7 @@ FLAG = '--xla_cpu_experimental_ynn_fusion_type'
 PRESETS = {'train': 'reduce', 'inference': 'individual_dot'}
 
 _log = logging.getLogger(__name__)
+_added: str | None = None  # the flag this process added to XLA_FLAGS, if any
 
 
 def tune_cpu(workload: str) -> str | None:
@@ -46,7 +47,15 @@ def tune_cpu(workload: str) -> str | None:
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
   if not jax.__version__.startswith('0.10.') or xla_bridge.backends_are_initialized():
     return None
+  global _added
   flag = f'{FLAG}={PRESETS[workload]}'
   os.environ['XLA_FLAGS'] = f'{flags} {flag}'.strip()
+  _added = flag
   _log.debug('XLA:CPU tuning for %s: %s', workload, flag)
   return flag
+
+
+def user_xla_flags() -> str:
+  """``XLA_FLAGS`` without the flag :func:`tune_cpu` added: what a child process should start from."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  return ' '.join(f for f in flags.split() if f != _added) if _added else flags

@@ -37,6 +37,12 @@ def test_flag_is_added_before_jax_starts(workload, value):
   assert added == f'{cpu_tuning.FLAG}={value}' and flags.endswith(added)
 
 
+def test_children_start_from_the_users_flags():
+  code = CODE.format(workload='train') + 'print(cpu_tuning.user_xla_flags())\n'
+  added, flags, user = _fresh(code, XLA_FLAGS='--xla_cpu_enable_fast_math=false')
+  assert flags == f'--xla_cpu_enable_fast_math=false {added}' and user == '--xla_cpu_enable_fast_math=false'
+
+
 def test_user_settings_win_and_late_calls_do_nothing():
   added, flags = _fresh(CODE.format(workload='train'), XLA_FLAGS=f'{cpu_tuning.FLAG}=individual_dot')
   assert added == 'None' and flags == f'{cpu_tuning.FLAG}=individual_dot'
