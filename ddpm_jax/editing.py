@@ -87,7 +87,7 @@ def _check_known(x0: jax.Array, known: jax.Array) -> jax.Array:
   except ValueError as e:
     raise ValueError(f'known has shape {known.shape}; it must broadcast to the images {x0.shape} '
                      '(e.g. [B, H, W, 1] or [H, W, 1]).') from e
-  return known.astype(bool) if known.dtype == bool else known > 0.5
+  return known if known.dtype == bool else known > 0.5
 
 
 def inpaint(schedule: Schedule, denoise_fn: DenoiseFn, x0: jax.Array, known: jax.Array, key: jax.Array, *,
