@@ -50,6 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import torch_files
+
 INCEPTION_SIZE = 299
 NUM_POOL_FEATURES = 2048
 NUM_LOGITS = 1008
@@ -367,7 +369,7 @@ def load_inception_params(path: str | os.PathLike) -> dict[str, Any]:
   """
   path = os.fspath(path)
   if path.endswith('.pth'):
-    flat = convert_pytorch_state_dict(_torch_load_state_dict(path))
+    flat = convert_pytorch_state_dict(torch_files.load_state_dict(path))
   else:
     with np.load(path) as data:
       flat = {k: data[k] for k in data.files}
@@ -420,18 +422,13 @@ def convert_pytorch_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.nd
   return flat
 
 
-def _torch_load_state_dict(pth_path: str) -> dict[str, np.ndarray]:
-  from ddpm_jax import torch_files  # pylint: disable=import-outside-toplevel
-  return torch_files.load_state_dict(pth_path)
-
-
 def convert_pytorch_fid_weights(pth_path: str | os.PathLike, npz_out: str | os.PathLike) -> str:
   """Convert pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` into our `.npz` (no torch needed).
 
   Returns:
     `npz_out` as a string. The result loads with `load_inception_params` without torch.
   """
-  flat = convert_pytorch_state_dict(_torch_load_state_dict(os.fspath(pth_path)))
+  flat = convert_pytorch_state_dict(torch_files.load_state_dict(pth_path))
   _check_flat(flat, os.fspath(pth_path))
   save_inception_params(npz_out, unflatten_variables(flat))
   return os.fspath(npz_out)

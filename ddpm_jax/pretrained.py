@@ -871,6 +871,12 @@ def load_tf_checkpoint(ckpt_prefix: str, model: UNet | None = None, *, ema: bool
       checkpoint name). ImportError: TensorFlow is not installed.
   """
   reader, var_shapes = _tf_reader(ckpt_prefix)
+  return _params_from_tf(reader, var_shapes, ckpt_prefix, model, ema=ema, image_size=image_size, scope=scope)
+
+
+def _params_from_tf(reader, var_shapes: Mapping[str, tuple[int, ...]], ckpt_prefix: str, model: UNet | None, *,
+                    ema: bool, image_size: int | None, scope: str) -> dict:
+  """:func:`load_tf_checkpoint` on an opened checkpoint (``_tf_reader``'s reader and variable shapes)."""
   if model is None:
     model, image_size = infer_tf_model(var_shapes, image_size=image_size, scope=scope, source=ckpt_prefix)
   elif image_size is None:
@@ -930,7 +936,7 @@ def load_tf_pretrained(ckpt_prefix: str, release: str | None = None, *, ema: boo
   if release is not None and release not in RELEASES:
     raise ValueError(f'Unknown release {release!r}; choose one of {sorted(RELEASES)}.')
   info = RELEASES[release] if release is not None else None
-  _, var_shapes = _tf_reader(ckpt_prefix)
+  reader, var_shapes = _tf_reader(ckpt_prefix)
   model, image_size = infer_tf_model(var_shapes, image_size=info.image_size if info else None,
                                      source=ckpt_prefix)
   if info is None:
@@ -941,7 +947,7 @@ def load_tf_pretrained(ckpt_prefix: str, release: str | None = None, *, ema: boo
     var_type, clip, what = ('fixedlarge' if image_size == 32 else 'fixedsmall'), True, 'default settings'
     _log.warning('%s matches no released architecture; sampling with var_type=%s and clipping.', ckpt_prefix,
                  var_type)
-  params = load_tf_checkpoint(ckpt_prefix, model, ema=ema, image_size=image_size)
+  params = _params_from_tf(reader, var_shapes, ckpt_prefix, model, ema=ema, image_size=image_size, scope='model')
   return Pretrained(model=model, params=params, schedule=sched_lib.get_schedule('linear'),
                     var_type=var_type, clip_denoised=clip, mean_type='eps', image_size=image_size,
                     in_channels=var_shapes['model/conv_in/W'][2],

@@ -148,29 +148,26 @@ def _load_legacy(path: str) -> Any:
     sys_info = pickle.load(f)
     if not sys_info.get('little_endian', True):
       raise ValueError(f'{path!r} was saved on a big-endian machine; not supported.')
-    pending: dict[str, tuple[np.dtype, int]] = {}
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, np.ndarray] = {}  # storage key -> array filled in after the object pickle
 
     def load_storage(storage_type, key, location, numel, view_metadata=None, *unused):
       del location, unused
       if view_metadata is not None:
         raise ValueError(f'{path!r} uses storage views (a pre-1.0 torch file); re-save it with a current torch.')
-      key = str(key)
-      pending.setdefault(key, (storage_type.dtype, int(numel)))
       # The data follows the object pickle: hand out an array that is filled in below.
-      arrays.setdefault(key, np.empty(int(numel), storage_type.dtype))
-      return arrays[key]
+      return arrays.setdefault(str(key), np.empty(int(numel), storage_type.dtype))
 
     obj = _Unpickler(f, load_storage, rebuild_tensor=_Deferred).load()
     for key in pickle.load(f):
-      dtype, numel = pending[str(key)]
+      array = arrays[str(key)]
+      dtype, numel = array.dtype, array.size
       (count,) = struct.unpack('<q', f.read(8))
       if count != numel:
         raise ValueError(f'{path!r}: storage {key} has {count} elements on disk, {numel} in the pickle.')
       raw = f.read(numel * dtype.itemsize)
       if len(raw) != numel * dtype.itemsize:
         raise ValueError(f'{path!r} is truncated (storage {key}).')
-      arrays[str(key)][...] = np.frombuffer(raw, dtype.newbyteorder('<') if dtype.itemsize > 1 else dtype)
+      array[...] = np.frombuffer(raw, dtype.newbyteorder('<') if dtype.itemsize > 1 else dtype)
   return _resolve(obj)
 
 
