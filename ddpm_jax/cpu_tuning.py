@@ -13,7 +13,9 @@ development machine (BENCHMARKS.md), ``--xla_cpu_experimental_ynn_fusion_type`` 
   ``individual_dot``    3.08           19.8
   ====================  =============  ==================
 
-so training runs with ``reduce`` and sampling-only commands with ``individual_dot``. The flag only concerns the
+(measured before the hand-written gradients of `ddpm_jax.models.layers`; BENCHMARKS.md has the current
+figures), so training runs with ``reduce`` and sampling-only commands with ``individual_dot``. `ynn_reductions`
+tells `ddpm_jax.models.layers.group_norm` which of the two is in force (it lays out its reductions to suit). The flag only concerns the
 CPU backend: on GPU and TPU hosts it changes nothing (the device does the work).
 
 Nothing here is applied when the user set the flag in ``XLA_FLAGS`` already, when ``DDPM_JAX_CPU_TUNING=0``, when
@@ -59,3 +61,22 @@ def user_xla_flags() -> str:
   """``XLA_FLAGS`` without the flag :func:`tune_cpu` added: what a child process should start from."""
   flags = os.environ.get('XLA_FLAGS', '')
   return ' '.join(f for f in flags.split() if f != _added) if _added else flags
+
+
+def ynn_reductions() -> bool:
+  """Whether XLA:CPU hands reductions to YNNPACK in this process, judged from ``XLA_FLAGS``.
+
+  True unless ``--xla_cpu_experimental_ynn_fusion_type`` is set (last occurrence wins) to a list without
+  ``reduce`` or with ``-reduce``. `ddpm_jax.models.layers.group_norm` uses it to pick the reduction layout that
+  is fast for the kernels XLA:CPU will use.
+  """
+  value = None
+  for f in os.environ.get('XLA_FLAGS', '').split():
+    if f.startswith(FLAG + '='):
+      value = f.split('=', 1)[1]
+  if value is None:
+    return True
+  items = [v for v in value.split(',') if v]
+  if any(v.startswith(('+', '-')) for v in items):
+    return '-reduce' not in items
+  return 'reduce' in items

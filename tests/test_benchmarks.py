@@ -98,3 +98,42 @@ def test_merge_fills_missing_fields():
   b = bench.Result('jax', 'cpu', 2, 'float32', 10, sample_img_steps_s=5.0, train_img_s=9.0, notes='b')
   m = bench._merge(a, b)
   assert m.train_img_s == 1.0 and m.sample_img_steps_s == 5.0 and m.notes == 'a; b'
+
+
+def _load_profile_layers():
+  spec = importlib.util.spec_from_file_location(
+      'ddpm_profile_layers', os.path.join(os.path.dirname(_PATH), 'profile_layers.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_profile_layers_times_both_implementations():
+  profile = _load_profile_layers()
+  rows = profile.bench_layers(batch=1, repeats=1)
+  assert [r[0].split()[0] for r in rows] == ['GroupNorm+swish', 'GroupNorm+swish', 'ResBlock', 'attention']
+  assert all(len(r) == 5 and all(t > 0 for t in r[1:]) for r in rows)
+  # The layers are put back afterwards: the model uses the hand-written ones again.
+  from ddpm_jax.models import layers
+  assert layers.attention.__class__.__name__ == 'custom_vjp'
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason='needs the reference extra (torch)')
+def test_profile_convs_covers_the_model(monkeypatch):
+  profile = _load_profile_layers()
+  import jax
+  import jax.numpy as jnp
+  from ddpm_jax.models import unet_cifar10
+  params = jax.eval_shape(lambda: unet_cifar10().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                                      jnp.zeros((1,), jnp.int32), train=False))
+  kernels = sorted((p.shape[2], p.shape[3]) for p in jax.tree.leaves(params) if p.ndim == 4)
+  assert sorted((c[1], c[2]) for c in profile.CONVS for _ in range(c[-1])) == kernels
+  monkeypatch.setattr(profile, 'CONVS', [(8, 4, 8, 1, 2), (8, 8, 8, 2, 1)])
+  rows = profile.bench_convs(batch=1, repeats=1)
+  assert [r[:2] for r in rows] == [('8x8 4->8 s1', 2), ('8x8 8->8 s2', 1)]
+  assert all(t > 0 for r in rows for t in r[2:])
+
+
+def test_profile_layers_rejects_bad_arguments():
+  with pytest.raises(SystemExit):
+    _load_profile_layers().main(['--batch', '0'])

@@ -55,3 +55,21 @@ def test_user_settings_win_and_late_calls_do_nothing():
 def test_unknown_workload():
   with pytest.raises(ValueError, match='workload'):
     cpu_tuning.tune_cpu('serve')
+
+
+@pytest.mark.parametrize('xla_flags,expected', [
+    (None, True),  # jaxlib's default hands reductions to YNNPACK
+    ('--xla_cpu_experimental_ynn_fusion_type=reduce', True),
+    ('--xla_cpu_experimental_ynn_fusion_type=individual_dot', False),
+    ('--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce', True),
+    ('--xla_cpu_experimental_ynn_fusion_type=', False),
+    ('--xla_cpu_experimental_ynn_fusion_type=-reduce', False),
+    ('--xla_cpu_experimental_ynn_fusion_type=+individual_dot', True),
+    ('--xla_cpu_experimental_ynn_fusion_type=reduce --xla_cpu_experimental_ynn_fusion_type=individual_dot', False),
+])
+def test_ynn_reductions_reads_the_flag(monkeypatch, xla_flags, expected):
+  if xla_flags is None:
+    monkeypatch.delenv('XLA_FLAGS', raising=False)
+  else:
+    monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1 ' + xla_flags)
+  assert cpu_tuning.ynn_reductions() is expected

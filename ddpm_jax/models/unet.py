@@ -70,6 +70,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from ddpm_jax.models import layers
+
 __all__ = [
   "UNet",
   "unet_cifar10",
@@ -288,16 +290,12 @@ def validate_unet_input(
 
 
 def _group_norm(x, num_groups: int, param_dtype, name: str, out_dtype):
-  """GroupNorm with float32 statistics (TF contrib group_norm: eps 1e-6, gamma=1, beta=0)."""
-  y = nn.GroupNorm(
-    num_groups=num_groups,
-    epsilon=1e-6,
-    dtype=jnp.float32,
-    param_dtype=param_dtype,
-    # Two-pass variance like tf.nn.moments (E[x^2]-E[x]^2 loses precision).
-    use_fast_variance=False,
-    name=name,
-  )(x.astype(jnp.float32))
+  """GroupNorm with float32 statistics (TF contrib group_norm: eps 1e-6, gamma=1, beta=0).
+
+  `layers.GroupNorm` computes what ``nn.GroupNorm(use_fast_variance=False)`` does (two-pass variance like
+  tf.nn.moments; E[x^2]-E[x]^2 loses precision) with a hand-written gradient that is 2-3x faster on XLA:CPU.
+  """
+  y = layers.GroupNorm(num_groups=num_groups, epsilon=1e-6, param_dtype=param_dtype, name=name)(x)
   return y.astype(out_dtype)
 
 
@@ -318,8 +316,9 @@ def _conv3x3(features: int, dtype, param_dtype, name: str, strides: int = 1, ini
 
 
 def _nin(features: int, dtype, param_dtype, name: str, init_scale: float = 1.0):
-  # TF nn.nin is tensordot over the channel axis == Dense on the last axis.
-  return nn.Dense(
+  # TF nn.nin is tensordot over the channel axis == Dense on the last axis (`layers.Dense`: Flax's Dense
+  # with a gradient that XLA:CPU runs without transposing activations).
+  return layers.Dense(
     features,
     kernel_init=default_init(init_scale),
     bias_init=nn.initializers.zeros,
@@ -378,9 +377,8 @@ class AttnBlock(nn.Module):
     k = _nin(C, self.dtype, self.param_dtype, "k")(h)
     v = _nin(C, self.dtype, self.param_dtype, "v")(h)
     # Logits and softmax in float32 (bf16 softmax over H*W keys is too coarse).
-    w = jnp.einsum("bhwc,bHWc->bhwHW", q, k, preferred_element_type=jnp.float32) * (float(C) ** -0.5)
-    w = jax.nn.softmax(w.reshape(B, H, W, H * W), axis=-1).reshape(B, H, W, H, W)
-    h = jnp.einsum("bhwHW,bHWc->bhwc", w.astype(self.dtype), v)
+    flat = lambda a: a.reshape(B, H * W, C)
+    h = layers.attention(flat(q), flat(k), flat(v)).reshape(B, H, W, C)
     h = _nin(C, self.dtype, self.param_dtype, "proj_out", init_scale=0.0)(h)
     return x.astype(self.dtype) + h
 

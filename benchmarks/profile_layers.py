@@ -1,0 +1,160 @@
+"""Times single layers of the CIFAR-10 U-Net: where a training step's time goes (BENCHMARKS.md).
+
+  python benchmarks/profile_layers.py --what layers --batch 16   # layers.py against the plain formulas (ms)
+  python benchmarks/profile_layers.py --what convs --batch 32    # every 3x3 conv of the model, XLA against PyTorch
+
+``layers``: forward and forward + gradient of GroupNorm + swish, a ResBlock with a Dense shortcut and an attention
+block, built from `ddpm_jax.models.layers` and from the plain formulas (Flax GroupNorm/Dense, einsum attention).
+``convs``: forward and input + weight gradient of each 3x3 convolution shape of the model, times how often it
+occurs, for XLA and for PyTorch (oneDNN, ``torch.ops.aten.convolution_backward``); needs the ``reference`` extra.
+JAX runs with the XLA:CPU setting of `--cpu_tuning` (default: train.py's). Medians of ``--repeats`` calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ddpm_jax import cpu_tuning  # pylint: disable=wrong-import-position
+
+# (resolution, in channels, out channels, stride, occurrences) of the CIFAR-10 U-Net's 3x3 convolutions.
+CONVS = [(32, 3, 128, 1, 1), (32, 128, 128, 1, 7), (32, 128, 128, 2, 1), (16, 128, 256, 1, 1),
+         (16, 256, 256, 1, 7), (16, 256, 256, 2, 1), (8, 256, 256, 1, 8), (8, 256, 256, 2, 1),
+         (4, 256, 256, 1, 11), (4, 512, 256, 1, 3), (8, 512, 256, 1, 3), (16, 512, 256, 1, 2),
+         (16, 384, 256, 1, 1), (32, 256, 256, 1, 1), (32, 384, 128, 1, 1), (32, 256, 128, 1, 2),
+         (32, 128, 3, 1, 1)]
+
+
+def _median_ms(fn, repeats: int) -> float:
+  fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(times)
+
+
+def bench_layers(batch: int, repeats: int) -> list[tuple]:
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from ddpm_jax.models import layers
+  from ddpm_jax.models import unet
+
+  def plain_attention(q, k, v):
+    w = jax.nn.softmax(jnp.einsum('bnc,bmc->bnm', q, k) * q.shape[-1] ** -0.5, axis=-1)
+    return jnp.einsum('bnm,bmc->bnc', w, v)
+
+  plain = dict(GroupNorm=lambda **kw: nn.GroupNorm(use_fast_variance=False, **kw),
+               Dense=nn.Dense, attention=plain_attention)
+  mine = dict(GroupNorm=layers.GroupNorm, Dense=layers.Dense, attention=layers.attention)
+  rng = np.random.default_rng(0)
+  temb = jnp.asarray(rng.normal(size=(batch, 512)), jnp.float32)
+  rows = []
+  specs = [
+      ('GroupNorm+swish 32x32x128', (batch, 32, 32, 128), 'gn'),
+      ('GroupNorm+swish 32x32x384', (batch, 32, 32, 384), 'gn'),
+      ('ResBlock 32x32 256->128 (Dense shortcut)', (batch, 32, 32, 256), 'res'),
+      ('attention block 16x16x256', (batch, 16, 16, 256), 'attn'),
+  ]
+  for name, shape, kind in specs:
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    result = [name]
+    for impl in (plain, mine):
+      saved = (layers.GroupNorm, layers.Dense, layers.attention)
+      layers.GroupNorm, layers.Dense, layers.attention = impl['GroupNorm'], impl['Dense'], impl['attention']
+      try:
+        if kind == 'gn':
+          module = layers.GroupNorm(num_groups=32)
+          apply = lambda p, x, module=module: jax.nn.swish(module.apply(p, x))
+          params = module.init(jax.random.key(0), x)
+        elif kind == 'res':
+          module = unet.ResnetBlock(128)
+          apply = lambda p, x, module=module: module.apply(p, x, temb, False)
+          params = module.init(jax.random.key(0), x, temb, False)
+        else:
+          module = unet.AttnBlock()
+          apply = lambda p, x, module=module: module.apply(p, x)
+          params = module.init(jax.random.key(0), x)
+        fwd = jax.jit(apply)
+        grad = jax.jit(jax.grad(lambda p, x, apply=apply: jnp.sum(apply(p, x) ** 2), argnums=(0, 1)))
+        result.append(_median_ms(lambda: jax.block_until_ready(fwd(params, x)), repeats))
+        result.append(_median_ms(lambda: jax.block_until_ready(grad(params, x)), repeats))
+      finally:
+        layers.GroupNorm, layers.Dense, layers.attention = saved
+    rows.append(tuple(result))
+  return rows
+
+
+def bench_convs(batch: int, repeats: int) -> list[tuple]:
+  import jax
+  import numpy as np
+  import torch
+  torch.set_num_threads(os.cpu_count() or 1)
+  rng = np.random.default_rng(0)
+  rows = []
+  for h, cin, cout, stride, count in CONVS:
+    pad = ((1, 1), (1, 1)) if stride == 1 else ((0, 1), (0, 1))  # TF 'SAME'
+
+    def conv(x, w, stride=stride, pad=pad):
+      return jax.lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+    x = rng.normal(size=(batch, h, h, cin)).astype(np.float32)
+    w = (0.05 * rng.normal(size=(3, 3, cin, cout))).astype(np.float32)
+    dy = rng.normal(size=(batch, h // stride, h // stride, cout)).astype(np.float32)
+    fwd = jax.jit(conv)
+    bwd = jax.jit(lambda x, w, dy: jax.vjp(conv, x, w)[1](dy))
+    jx, jw, jdy = map(jax.device_put, (x, w, dy))
+    j_f = _median_ms(lambda: jax.block_until_ready(fwd(jx, jw)), repeats)
+    j_b = _median_ms(lambda: jax.block_until_ready(bwd(jx, jw, jdy)), repeats)
+    tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    tw = torch.from_numpy(w.transpose(3, 2, 0, 1).copy())
+    tdy = torch.from_numpy(dy.transpose(0, 3, 1, 2).copy())
+    tpad = 1 if stride == 1 else 0
+    txp = torch.nn.functional.pad(tx, (0, 1, 0, 1)) if stride == 2 else tx
+    with torch.no_grad():
+      t_f = _median_ms(lambda: torch.nn.functional.conv2d(txp, tw, None, stride, tpad), repeats)
+      t_b = _median_ms(lambda: torch.ops.aten.convolution_backward(
+          tdy, txp, tw, [cout], [stride, stride], [tpad, tpad], [1, 1], False, [0, 0], 1, [True, True, False]),
+          repeats)
+    rows.append((f'{h}x{h} {cin}->{cout} s{stride}', count, j_f, j_b, t_f, t_b))
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--what', choices=['layers', 'convs'], default='layers')
+  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--repeats', type=int, default=7)
+  parser.add_argument('--cpu_tuning', choices=['train', 'inference', 'none'], default='train')
+  args = parser.parse_args(argv)
+  if args.batch < 1 or args.repeats < 1:
+    parser.error(f'--batch and --repeats must be >= 1, got {args.batch} and {args.repeats}.')
+  if args.cpu_tuning != 'none':
+    cpu_tuning.tune_cpu(args.cpu_tuning)
+  import jax
+  print(f'jax {jax.__version__} on {jax.devices()[0].device_kind}, batch {args.batch}, '
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  if args.what == 'layers':
+    print('ms                                        | plain fwd | plain fwd+grad | layers.py fwd | layers.py fwd+grad')
+    for name, pf, pg, mf, mg in bench_layers(args.batch, args.repeats):
+      print(f'{name:42s}| {pf:9.1f} | {pg:14.1f} | {mf:13.1f} | {mg:18.1f}')
+  else:
+    print('ms (x count)            | count | XLA fwd | XLA dx+dw | torch fwd | torch dx+dw')
+    total = [0.0, 0.0, 0.0, 0.0]
+    for name, count, *ms in bench_convs(args.batch, args.repeats):
+      print(f'{name:24s}| {count:5d} | {ms[0]:7.1f} | {ms[1]:9.1f} | {ms[2]:9.1f} | {ms[3]:11.1f}')
+      total = [t + count * m for t, m in zip(total, ms)]
+    print(f'{"total per step":24s}|       | {total[0]:7.0f} | {total[1]:9.0f} | {total[2]:9.0f} | {total[3]:11.0f}')
+    print(f'XLA / torch, forward + gradients: {(total[0] + total[1]) / (total[2] + total[3]):.2f}')
+
+
+if __name__ == '__main__':
+  main()

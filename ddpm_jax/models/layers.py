@@ -1,0 +1,238 @@
+"""U-Net layers with hand-written gradients: GroupNorm, Dense (the TF original's ``nin``) and attention.
+
+Each computes exactly what the plain formula computes (Flax's ``GroupNorm(use_fast_variance=False)``,
+``Dense``, softmax attention) and keeps Flax's parameter names, so parameter trees and checkpoints do not
+change. Only the backward pass is written by hand, because what ``jax.grad`` of the plain formulas hands to
+XLA runs slowly on XLA:CPU (measured in BENCHMARKS.md; the gradients are tested against ``jax.grad`` of the
+plain formulas in ``tests/test_layers.py``):
+
+* **GroupNorm** (NHWC; per example and group of ``C / G`` channels ``y = (x - mean) / sqrt(var + eps) * scale
+  + bias``, two-pass variance ``mean((x - mean)**2)`` like ``tf.nn.moments``, statistics in float32).
+  Autodiff reduces over ``[B, H, W, G, C/G]`` views several times; here every reduction runs over the spatial
+  axes only, to per-channel sums ``[B, C]``, and group sums come from those small arrays. Forward: two
+  reductions and one multiply-add ``y = x * a[b, c] + d[b, c]``; backward: one pass for the per-channel sums
+  of ``dy`` and ``dy * x`` and one multiply-add ``dx = dy * p[b, c] + x * q[b, c] + r[b, c]``.
+* **Dense** over the last axis. Autodiff's kernel gradient contracts ``x`` and ``dy`` over their leading axes
+  in an operand order for which XLA:CPU first transposes the whole activation gradient; here it is computed
+  as ``(dy^T x)^T``, which XLA runs without copying either operand.
+* **Attention** ``softmax(q k^T / sqrt(C)) v`` over ``[B, N, C]`` (logits and softmax in float32): the
+  backward pass is written as six batched matrix products in the operand orders XLA:CPU runs without
+  transposing activations, and reuses the saved softmax.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from ddpm_jax import cpu_tuning
+
+__all__ = ["GroupNorm", "group_norm", "Dense", "dense", "attention"]
+
+
+def _group_sum(s: jax.Array, groups: int) -> jax.Array:
+  """[B, C] -> [B, G]: sums over the channels of each group."""
+  b, c = s.shape
+  return s.reshape(b, groups, c // groups).sum(-1)
+
+
+def _per_channel(g: jax.Array, c: int) -> jax.Array:
+  """[B, G] -> [B, C]: each group's value repeated over its channels."""
+  b, groups = g.shape
+  return jnp.repeat(g, c // groups, axis=1)
+
+
+def _stats(x: jax.Array, groups: int, eps: float):
+  """Mean and 1/sqrt(var + eps) per (example, group), each [B, G], with the two-pass variance.
+
+  On XLA:CPU without YNNPACK reductions (the 'inference' setting of `ddpm_jax.cpu_tuning`), XLA's own reduction
+  kernels are faster over the ``[B, H*W, G, C/G]`` group view; everywhere else the per-channel sums are.
+  Both compute the same statistics (up to float32 summation order).
+  """
+  b, h, w, c = x.shape
+  if jax.default_backend() == 'cpu' and not cpu_tuning.ynn_reductions():
+    xg = x.reshape(b, h * w, groups, c // groups)
+    mean = jnp.mean(xg, axis=(1, 3))
+    centered = xg - mean[:, None, :, None]
+    var = jnp.mean(jnp.square(centered), axis=(1, 3))
+    return mean, jax.lax.rsqrt(var + eps)
+  n = h * w * (c // groups)
+  mean = _group_sum(jnp.sum(x, axis=(1, 2)), groups) / n
+  centered = x - _per_channel(mean, c)[:, None, None, :]
+  var = _group_sum(jnp.sum(jnp.square(centered), axis=(1, 2)), groups) / n
+  return mean, jax.lax.rsqrt(var + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, eps: float) -> jax.Array:
+  return _group_norm_fwd(x, scale, bias, groups, eps)[0]
+
+
+def _group_norm_fwd(x, scale, bias, groups, eps):
+  c = x.shape[-1]
+  mean, rstd = _stats(x, groups, eps)
+  a = _per_channel(rstd, c) * scale  # [B, C]
+  d = bias - _per_channel(mean, c) * a
+  y = x * a[:, None, None, :] + d[:, None, None, :]
+  return y, (x, scale, mean, rstd)
+
+
+def _group_norm_bwd(groups, eps, res, dy):
+  del eps
+  x, scale, mean, rstd = res
+  b, h, w, c = x.shape
+  n = h * w * (c // groups)
+  sum_dy = jnp.sum(dy, axis=(1, 2))  # [B, C]
+  sum_dy_x = jnp.sum(dy * x, axis=(1, 2))  # [B, C]
+  mean_c, rstd_c = _per_channel(mean, c), _per_channel(rstd, c)
+  # sum over H, W of dy * xhat, with xhat = (x - mean) * rstd.
+  sum_dy_xhat = rstd_c * (sum_dy_x - mean_c * sum_dy)  # [B, C]
+  dscale = jnp.sum(sum_dy_xhat, axis=0)
+  dbias = jnp.sum(sum_dy, axis=0)
+  # With g = dy * scale (the gradient w.r.t. xhat) and group means over (H, W, C/G):
+  #   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+  mean_g = _per_channel(_group_sum(sum_dy * scale, groups), c) / n  # [B, C]
+  mean_g_xhat = _per_channel(_group_sum(sum_dy_xhat * scale, groups), c) / n
+  p = rstd_c * scale
+  q = -rstd_c * rstd_c * mean_g_xhat
+  r = rstd_c * (mean_c * rstd_c * mean_g_xhat - mean_g)
+  dx = dy * p[:, None, None, :] + x * q[:, None, None, :] + r[:, None, None, :]
+  return dx, dscale, dbias
+
+
+_group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, num_groups: int, eps: float = 1e-6) -> jax.Array:
+  """Functional GroupNorm of NHWC ``x`` (float32), ``scale`` and ``bias`` of shape ``[C]``.
+
+  Raises:
+    ValueError: if ``x`` is not 4-D or its channels are not divisible by ``num_groups``.
+  """
+  if x.ndim != 4:
+    raise ValueError(f"group_norm expects NHWC input, got shape {x.shape}.")
+  if num_groups <= 0 or x.shape[-1] % num_groups:
+    raise ValueError(f"group_norm: {x.shape[-1]} channels are not divisible by num_groups={num_groups}.")
+  return _group_norm(x, scale, bias, num_groups, float(eps))
+
+
+class GroupNorm(nn.Module):
+  """Linen GroupNorm over the last axis of NHWC input, statistics and output in float32.
+
+  Attributes:
+    num_groups: number of channel groups (divides C).
+    epsilon: added to the variance.
+    param_dtype: dtype of ``scale`` (init 1) and ``bias`` (init 0).
+  """
+
+  num_groups: int = 32
+  epsilon: float = 1e-6
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    return group_norm(x.astype(jnp.float32), scale.astype(jnp.float32), bias.astype(jnp.float32),
+                      num_groups=self.num_groups, eps=self.epsilon)
+
+
+# ----------------------------------------------------------------------------
+# Dense
+# ----------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """``x @ kernel + bias`` over the last axis of ``x`` (any leading shape); kernel ``[in, out]``."""
+  return jnp.dot(x, kernel) + bias
+
+
+def _dense_fwd(x, kernel, bias):
+  return dense(x, kernel, bias), (x, kernel)
+
+
+def _dense_bwd(res, dy):
+  x, kernel = res
+  x2 = x.reshape(-1, x.shape[-1])
+  dy2 = dy.reshape(-1, dy.shape[-1])
+  dkernel = jax.lax.dot_general(dy2, x2, (((0,), (0,)), ((), ()))).T  # (dy^T x)^T, [in, out]
+  dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype), jnp.sum(dy2, axis=0).astype(kernel.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+class Dense(nn.Module):
+  """``flax.linen.Dense`` (same parameters ``kernel [in, out]`` and ``bias [out]``) built on `dense`.
+
+  Attributes:
+    features: output size.
+    kernel_init, bias_init: initializers.
+    dtype: computation dtype (inputs and parameters are cast to it).
+    param_dtype: parameter dtype.
+  """
+
+  features: int
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    return dense(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+
+
+# ----------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------
+
+
+def _bmm(a: jax.Array, b: jax.Array, contract_a: int, contract_b: int) -> jax.Array:
+  """Batched matrix product over axis 0, contracting ``a``'s axis ``contract_a`` with ``b``'s ``contract_b``."""
+  return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((0,), (0,))),
+                             preferred_element_type=jnp.float32)
+
+
+def _softmax_weights(q, k):
+  scale = float(q.shape[-1]) ** -0.5
+  return jax.nn.softmax(_bmm(q, k, 2, 2) * scale, axis=-1)  # [B, N, N] float32
+
+
+@jax.custom_vjp
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Single-head attention ``softmax(q k^T / sqrt(C)) v`` of ``[B, N, C]`` arrays.
+
+  Logits and softmax are float32 (bf16 softmax over N keys is too coarse); the weights are cast to ``v``'s
+  dtype for the second product. Returns ``[B, N, C]`` in ``v``'s dtype.
+  """
+  return _attention_fwd(q, k, v)[0]
+
+
+def _attention_fwd(q, k, v):
+  w = _softmax_weights(q, k)
+  out = _bmm(w.astype(v.dtype), v, 2, 1).astype(v.dtype)
+  return out, (q, k, v, w)
+
+
+def _attention_bwd(res, dout):
+  q, k, v, w = res
+  scale = float(q.shape[-1]) ** -0.5
+  dv = _bmm(w.astype(v.dtype), dout, 1, 1)  # w^T dout
+  dw = _bmm(dout, v, 2, 2)  # dout v^T, float32
+  ds = w * (dw - jnp.sum(dw * w, axis=-1, keepdims=True)) * scale  # softmax backward
+  dq = _bmm(ds.astype(k.dtype), k, 2, 1)
+  dk = _bmm(ds.astype(q.dtype), q, 1, 1)  # ds^T q
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
