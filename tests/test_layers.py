@@ -148,3 +148,34 @@ def test_blocks_gradients_match_autodiff_of_plain_layers(monkeypatch):
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert g.shape == w.shape
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_dropout_rate_scale_and_determinism():
+  x = jnp.ones((64, 32, 32, 7))  # odd last axis: the 16-bit halves do not line up with rows
+  key = jax.random.key(0)
+  y = jax.jit(lambda x, k: layers.dropout(x, 0.1, k))(x, key)
+  dropped = float(jnp.mean(y == 0))
+  # 458,752 draws: the standard deviation of the dropped fraction is 4.4e-4.
+  assert abs(dropped - 6554 / 65536) < 2e-3
+  keep_prob = 1 - 6554 / 65536
+  np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1 / keep_prob], rtol=1e-6)
+  np.testing.assert_array_equal(y, layers.dropout(x, 0.1, key))
+  other = layers.dropout(x, 0.1, jax.random.key(1))
+  assert float(jnp.mean((y == 0) != (other == 0))) > 0.1
+  # Neighbouring elements (the two halves of one random word) are independent.
+  a, b = (np.asarray(y).reshape(-1)[:-1:2] == 0), (np.asarray(y).reshape(-1)[1::2] == 0)
+  assert abs(np.mean(a & b) - np.mean(a) * np.mean(b)) < 2e-3
+
+
+def test_dropout_edges_and_module():
+  x = jnp.arange(6.0).reshape(1, 6)
+  np.testing.assert_array_equal(layers.dropout(x, 0.0, jax.random.key(0)), x)
+  np.testing.assert_array_equal(layers.dropout(x, 1.0, jax.random.key(0)), 0.0)
+  with pytest.raises(ValueError, match='1.5'):
+    layers.dropout(x, 1.5, jax.random.key(0))
+  module = layers.Dropout(rate=0.5)
+  assert module.init({'dropout': jax.random.key(0)}, x) == {}
+  np.testing.assert_array_equal(layers.Dropout(rate=0.5, deterministic=True).apply({}, x), x)
+  y = np.asarray(module.apply({}, jnp.ones((1, 1000)), rngs={'dropout': jax.random.key(3)}))
+  assert set(np.unique(y)) == {0.0, 2.0} and 400 < np.sum(y == 0) < 600
+  np.testing.assert_array_equal(y, module.apply({}, jnp.ones((1, 1000)), rngs={'dropout': jax.random.key(3)}))

@@ -15,6 +15,10 @@ plain formulas in ``tests/test_layers.py``):
 * **Dense** over the last axis. Autodiff's kernel gradient contracts ``x`` and ``dy`` over their leading axes
   in an operand order for which XLA:CPU first transposes the whole activation gradient; here it is computed
   as ``(dy^T x)^T``, which XLA runs without copying either operand.
+* **Dropout** draws 16 random bits per element instead of Flax's 32 (two elements per 32-bit threefry word), which
+  halves the cost of generating the masks, about 4 % of a training step on the CPU. The drop probability is
+  therefore a multiple of 1/65536: 0.1 becomes 6554/65536 = 0.100006 (kept values are scaled by
+  1 / (1 - that), so the expectation is exact).
 * **Attention** ``softmax(q k^T / sqrt(C)) v`` over ``[B, N, C]`` (logits and softmax in float32): the
   backward pass is written as six batched matrix products in the operand orders XLA:CPU runs without
   transposing activations, and reuses the saved softmax.
@@ -31,7 +35,7 @@ import flax.linen as nn
 
 from ddpm_jax import cpu_tuning
 
-__all__ = ["GroupNorm", "group_norm", "Dense", "dense", "attention"]
+__all__ = ["GroupNorm", "group_norm", "Dense", "dense", "attention", "Dropout", "dropout"]
 
 
 def _group_sum(s: jax.Array, groups: int) -> jax.Array:
@@ -236,3 +240,47 @@ def _attention_bwd(res, dout):
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ----------------------------------------------------------------------------
+# Dropout
+# ----------------------------------------------------------------------------
+
+_DROPOUT_LEVELS = 1 << 16
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+  """Inverted dropout with 16-bit thresholds: drops each element with probability ``round(rate * 2**16) / 2**16``.
+
+  Kept elements are scaled by ``1 / (1 - that probability)``. ``rate`` is a Python float in [0, 1].
+  """
+  if not 0.0 <= rate <= 1.0:
+    raise ValueError(f"dropout rate must be in [0, 1], got {rate}.")
+  threshold = int(round(rate * _DROPOUT_LEVELS))
+  if threshold == 0:
+    return x
+  if threshold == _DROPOUT_LEVELS:
+    return jnp.zeros_like(x)
+  n = x.size
+  words = jax.random.bits(key, ((n + 1) // 2,), jnp.uint32)
+  bits = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(-1)[:n].reshape(x.shape)
+  keep_prob = 1.0 - threshold / _DROPOUT_LEVELS
+  return jnp.where(bits >= threshold, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
+
+
+class Dropout(nn.Module):
+  """Dropout with `dropout`'s 16-bit masks; draws from the ``'dropout'`` RNG stream like ``flax.linen.Dropout``.
+
+  Attributes:
+    rate: drop probability (rounded to a multiple of 1/65536).
+    deterministic: if True, the identity.
+  """
+
+  rate: float
+  deterministic: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.deterministic or self.rate == 0.0:
+      return x
+    return dropout(x, self.rate, self.make_rng("dropout"))

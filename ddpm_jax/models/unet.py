@@ -354,7 +354,7 @@ class ResnetBlock(nn.Module):
     h = h + _nin(self.out_ch, self.dtype, self.param_dtype, "temb_proj")(nn.swish(temb))[:, None, None, :]
     h = nn.swish(_group_norm(h, self.num_groups, self.param_dtype, "norm2", self.dtype))
     if train and self.dropout > 0.0:
-      h = nn.Dropout(rate=self.dropout, deterministic=False)(h)
+      h = layers.Dropout(rate=self.dropout)(h)  # 16-bit masks: rate 0.1 -> 0.100006 (README)
     h = _conv3x3(self.out_ch, self.dtype, self.param_dtype, "conv2", init_scale=0.0)(h)
     if x.shape[-1] != self.out_ch:
       x = _nin(self.out_ch, self.dtype, self.param_dtype, "nin_shortcut")(x)
