@@ -1,27 +1,28 @@
-"""U-Net layers with hand-written gradients: GroupNorm, Dense (the TF original's ``nin``) and attention.
+"""U-Net layers that are faster on XLA:CPU: GroupNorm, Dense (the TF original's ``nin``), attention and dropout.
 
-Each computes exactly what the plain formula computes (Flax's ``GroupNorm(use_fast_variance=False)``,
-``Dense``, softmax attention) and keeps Flax's parameter names, so parameter trees and checkpoints do not
-change. Only the backward pass is written by hand, because what ``jax.grad`` of the plain formulas hands to
+GroupNorm, Dense and attention compute exactly what the plain formulas compute (Flax's
+``GroupNorm(use_fast_variance=False)``, ``Dense``, softmax attention) and keep Flax's parameter names, so
+parameter trees and checkpoints do not change. Only their backward passes are written by hand, because what ``jax.grad`` of the plain formulas hands to
 XLA runs slowly on XLA:CPU (measured in BENCHMARKS.md; the gradients are tested against ``jax.grad`` of the
 plain formulas in ``tests/test_layers.py``):
 
 * **GroupNorm** (NHWC; per example and group of ``C / G`` channels ``y = (x - mean) / sqrt(var + eps) * scale
   + bias``, two-pass variance ``mean((x - mean)**2)`` like ``tf.nn.moments``, statistics in float32).
-  Autodiff reduces over ``[B, H, W, G, C/G]`` views several times; here every reduction runs over the spatial
-  axes only, to per-channel sums ``[B, C]``, and group sums come from those small arrays. Forward: two
+  Autodiff reduces over ``[B, H, W, G, C/G]`` views several times; here the reductions run over the spatial
+  axes only, to per-channel sums ``[B, C]``, and group sums come from those small arrays (except the forward
+  statistics under XLA:CPU without YNNPACK reductions, see `_stats`). Forward: two
   reductions and one multiply-add ``y = x * a[b, c] + d[b, c]``; backward: one pass for the per-channel sums
   of ``dy`` and ``dy * x`` and one multiply-add ``dx = dy * p[b, c] + x * q[b, c] + r[b, c]``.
 * **Dense** over the last axis. Autodiff's kernel gradient contracts ``x`` and ``dy`` over their leading axes
   in an operand order for which XLA:CPU first transposes the whole activation gradient; here it is computed
   as ``(dy^T x)^T``, which XLA runs without copying either operand.
-* **Dropout** draws 16 random bits per element instead of Flax's 32 (two elements per 32-bit threefry word), which
+* **Dropout** (not exact: a deviation written down in the README) draws 16 random bits per element instead of Flax's 32 (two elements per 32-bit threefry word), which
   halves the cost of generating the masks, about 4 % of a training step on the CPU. The drop probability is
   therefore a multiple of 1/65536: 0.1 becomes 6554/65536 = 0.100006 (kept values are scaled by
   1 / (1 - that), so the expectation is exact).
 * **Attention** ``softmax(q k^T / sqrt(C)) v`` over ``[B, N, C]`` (logits and softmax in float32): the
-  backward pass is written as six batched matrix products in the operand orders XLA:CPU runs without
-  transposing activations, and reuses the saved softmax.
+  backward pass is written as six batched matrix products (autodiff's made XLA:CPU copy-transpose
+  activations first) and reuses the saved softmax.
 """
 
 from __future__ import annotations
