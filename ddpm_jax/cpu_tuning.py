@@ -15,8 +15,8 @@ development machine (BENCHMARKS.md), ``--xla_cpu_experimental_ynn_fusion_type`` 
 
 (measured before the hand-written gradients of `ddpm_jax.models.layers`; BENCHMARKS.md has the current
 figures), so training runs with ``reduce`` and sampling-only commands with ``individual_dot``. `ynn_reductions`
-tells `ddpm_jax.models.layers.group_norm` which of the two is in force (it lays out its reductions to suit). The flag only concerns the
-CPU backend: on GPU and TPU hosts it changes nothing (the device does the work).
+tells `ddpm_jax.models.layers.group_norm` which of the two is in force (it lays out its reductions to suit).
+The flag only concerns the CPU backend: on GPU and TPU hosts it changes nothing (the device does the work).
 
 Nothing here is applied when the user set the flag in ``XLA_FLAGS`` already, when ``DDPM_JAX_CPU_TUNING=0``, when
 JAX's backends are already running (too late to change flags), or with a jaxlib outside the 0.10 series (the flag

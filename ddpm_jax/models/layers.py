@@ -2,9 +2,9 @@
 
 GroupNorm, Dense and attention compute exactly what the plain formulas compute (Flax's
 ``GroupNorm(use_fast_variance=False)``, ``Dense``, softmax attention) and keep Flax's parameter names, so
-parameter trees and checkpoints do not change. Only their backward passes are written by hand, because what ``jax.grad`` of the plain formulas hands to
-XLA runs slowly on XLA:CPU (measured in BENCHMARKS.md; the gradients are tested against ``jax.grad`` of the
-plain formulas in ``tests/test_layers.py``):
+parameter trees and checkpoints do not change. Only their backward passes are written by hand, because what
+``jax.grad`` of the plain formulas hands to XLA runs slowly on XLA:CPU (measured in BENCHMARKS.md; the gradients
+are tested against ``jax.grad`` of the plain formulas in ``tests/test_layers.py``):
 
 * **GroupNorm** (NHWC; per example and group of ``C / G`` channels ``y = (x - mean) / sqrt(var + eps) * scale
   + bias``, two-pass variance ``mean((x - mean)**2)`` like ``tf.nn.moments``, statistics in float32).
@@ -16,10 +16,10 @@ plain formulas in ``tests/test_layers.py``):
 * **Dense** over the last axis. Autodiff's kernel gradient contracts ``x`` and ``dy`` over their leading axes
   in an operand order for which XLA:CPU first transposes the whole activation gradient; here it is computed
   as ``(dy^T x)^T``, which XLA runs without copying either operand.
-* **Dropout** (not exact: a deviation written down in the README) draws 16 random bits per element instead of Flax's 32 (two elements per 32-bit threefry word), which
-  halves the cost of generating the masks, about 4 % of a training step on the CPU. The drop probability is
-  therefore a multiple of 1/65536: 0.1 becomes 6554/65536 = 0.100006 (kept values are scaled by
-  1 / (1 - that), so the expectation is exact).
+* **Dropout** (not exact: a deviation written down in the README) draws 16 random bits per element instead of
+  Flax's 32 (two elements per 32-bit threefry word), which halves the cost of generating the masks, about 4 % of
+  a training step on the CPU. The drop probability is therefore a multiple of 1/65536: 0.1 becomes 6554/65536 =
+  0.100006 (kept values are scaled by 1 / (1 - that), so the expectation is exact).
 * **Attention** ``softmax(q k^T / sqrt(C)) v`` over ``[B, N, C]`` (logits and softmax in float32): the
   backward pass is written as six batched matrix products (autodiff's made XLA:CPU copy-transpose
   activations first) and reuses the saved softmax.
