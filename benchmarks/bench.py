@@ -139,20 +139,23 @@ def make_model(tiny: bool, *, dtype: str = 'float32', remat: bool = False, dropo
 
 
 def make_multi_step(step_fn: Callable, k: int, devices: Sequence[Any] | None = None) -> Callable:
-  """k train steps per compiled call: a pmapped `lax.scan` over k batches, state donated.
+  """k train steps per compiled call: a `lax.scan` over k batches, data-parallel like
+  `train_lib.make_p_train_step` (jit of shard_map, state replicated and donated).
 
   Args:
     step_fn: an unmapped step ``(state, batch, key) -> (state, metrics)``, e.g.
       ``functools.partial(train_lib.train_step, model=..., schedule=..., ...)``.
     k: steps per call.
-    devices: local devices (default all).
+    devices: devices (default all).
 
   Returns:
-    ``multi_step(state, batches [D, k, b, H, W, C], key) -> (state, metrics [D, k])``.
+    ``multi_step(state, batches [D, k, b, H, W, C], key) -> (state, metrics [k])``.
   """
   def many(state, batches, key):
-    return lax.scan(lambda s, b: step_fn(s, b, key), state, batches, length=k)
-  return jax.pmap(many, axis_name=train_lib.AXIS, in_axes=(0, 0, None), donate_argnums=(0,), devices=devices)
+    return lax.scan(lambda s, b: step_fn(s, b, key), state, batches[0], length=k)
+  spec, rep = jax.sharding.PartitionSpec(train_lib.AXIS), jax.sharding.PartitionSpec()
+  return jax.jit(jax.shard_map(many, mesh=train_lib.make_mesh(devices), in_specs=(rep, spec, rep),
+                               out_specs=(rep, rep), check_vma=False), donate_argnums=(0,))
 
 
 def bench_jax_train(model, *, batch: int, steps: int, k: int = 1) -> dict:

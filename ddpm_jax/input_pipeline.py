@@ -366,15 +366,16 @@ def prefetch_to_device(iterator: Iterator[np.ndarray], size: int, sharding) -> I
   """Keeps up to ``size`` sharded batches on the devices ahead of the consumer (async host-to-device copies).
 
   Args:
-    iterator: yields host arrays [num_local_devices, b, ...].
+    iterator: yields this process's host arrays [num_local_devices, b, ...] (or dicts of them).
     size: batches in flight (0: no prefetch, arrays are placed on use).
-    sharding: a `jax.sharding.Sharding` over the leading axis (train_lib.device_sharding).
+    sharding: a `jax.sharding.Sharding` over the leading axis (train_lib.device_sharding); with several
+      processes the yielded global arrays are [num_devices, b, ...], each process holding its own rows.
   """
   import collections  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   queue = collections.deque()
   for batch in iterator:
-    queue.append(jax.device_put(batch, sharding))
+    queue.append(jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), batch))
     if len(queue) > size:
       yield queue.popleft()
   while queue:

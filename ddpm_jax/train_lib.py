@@ -1,4 +1,4 @@
-"""Training: config validation, train state, optimizer, the pure step, the pmap, and the loop.
+"""Training: config validation, train state, optimizer, the pure step, its data-parallel form, and the loop.
 
 `train_and_evaluate(config, workdir)` is the only function here that reads a config; everything it calls takes
 explicit arguments. The step is pure: `train_step(state, batch, key) -> (state, metrics)`, with all randomness
@@ -33,6 +33,7 @@ import numpy as np
 import optax
 from absl import logging
 from jax import lax
+from jax.experimental import multihost_utils
 
 from ddpm_jax import checkpoint as checkpoint_lib
 from ddpm_jax import diffusion
@@ -288,7 +289,8 @@ def train_step(state: TrainState, batch: jax.Array, key: jax.Array, *, model: An
                ema_decay: float, mean_type: str = 'eps', var_type: str = 'fixedlarge', loss_type: str = 'mse',
                grad_clip: float = 1.0, groups_per_device: int = 0, class_dropout: float = 0.0,
                axis_name: str = AXIS) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update on this device's part of the global batch (run under `pmap` with ``axis_name``).
+  """One optimizer update on this device's part of the global batch (run under `make_p_train_step`'s
+  `jax.shard_map`, or `jax.pmap`, with ``axis_name``).
 
   Randomness: ``step_key = fold_in(key, state.step)`` is split into ``t_key``, ``noise_key``, ``dropout_key``;
   each example's t and noise come from ``fold_in(t_key / noise_key, global_example_index)``, so they do not
@@ -310,7 +312,7 @@ def train_step(state: TrainState, batch: jax.Array, key: jax.Array, *, model: An
     class_dropout: class-conditional models: each example's label is replaced by the null class with this
       probability (drawn from ``fold_in(fold_in(step_key, 3), global_example_index)``), so that one network
       learns conditional and unconditional predictions (classifier-free guidance).
-    axis_name: the pmap axis to average over.
+    axis_name: the mapped axis to average over.
 
   Returns:
     ``(new_state, metrics)``; metrics ``loss`` (global batch mean), ``grad_norm`` (global norm of the averaged
@@ -381,27 +383,62 @@ def train_step(state: TrainState, batch: jax.Array, key: jax.Array, *, model: An
   return new_state, metrics
 
 
-def make_p_train_step(devices=None, **step_kwargs) -> Callable:
-  """The one place `pmap` is applied to the step: state donated, the key broadcast to every device.
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  """The 1-D data-parallel mesh (axis `AXIS`) the step and the sampler run on.
 
   Args:
-    devices: local devices to run on (default: all).
+    devices: the devices, in mesh order. Default: every device of every process, each process's devices
+      contiguous (the order `jax.pmap` uses), so that each host feeds the slice of the global batch that its
+      own devices hold.
+  """
+  if devices is None:
+    devices = [d for i in range(jax.process_count()) for d in jax.local_devices(process_index=i)]
+  if not len(devices):
+    raise ValueError('make_mesh needs at least one device; got an empty device list.')
+  return jax.sharding.Mesh(np.asarray(devices), (AXIS,))
+
+
+def make_p_train_step(devices=None, **step_kwargs) -> Callable:
+  """The one place the step is made data-parallel: `jax.jit` of `jax.shard_map` over `make_mesh(devices)`.
+
+  The state is replicated (sharding ``P()``: every device holds the whole state, with no device axis; see
+  `replicate`) and donated, so XLA updates the parameters, the Adam moments and the EMA in place. With
+  `jax.pmap`, whose state carries a leading device axis, XLA copied every one of them each step (about 2 % of a
+  CPU training step, BENCHMARKS.md). The batch is split over the devices along its leading axis; the key is
+  the same on every device.
+
+  Args:
+    devices: the devices to run on (default: all, see `make_mesh`).
     **step_kwargs: keyword arguments of `train_step` other than state/batch/key.
 
   Returns:
-    ``p_train_step(replicated_state, sharded_batch [D, b, H, W, C], key) -> (state, metrics [D])``.
+    ``p_train_step(state, batch [D, b, H, W, C], key) -> (state, metrics)`` with ``state`` as `replicate` places
+    it and scalar metrics (the same on every device: loss and gradient are averaged over devices). ``batch`` is
+    a global array placed with `device_sharding` (or a host array, for one process); a class-conditional
+    model takes ``{'image': [D, b, H, W, C], 'label': [D, b]}``.
   """
-  return jax.pmap(functools.partial(train_step, **step_kwargs), axis_name=AXIS, in_axes=(0, 0, None),
-                  donate_argnums=(0,), devices=devices)
+  mesh = make_mesh(devices)
+  step = functools.partial(train_step, **step_kwargs)
+
+  def per_device(state, batch, key):
+    return step(state, jax.tree.map(lambda a: a[0], batch), key)  # this device's [1, b, ...] block -> [b, ...]
+
+  # check_vma=False, as jax.pmap has it: the step averages gradients with explicit pmeans (with the checks on,
+  # autodiff would also sum the gradients of the replicated params). The state comes out identical on every
+  # device (tests/test_train.py checks it).
+  spec, rep = jax.sharding.PartitionSpec(AXIS), jax.sharding.PartitionSpec()
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(rep, spec, rep), out_specs=(rep, rep),
+                               check_vma=False), donate_argnums=(0,))
 
 
 def make_p_sample(model: Any, schedule: schedule_lib.Schedule, *, shape_per_device: tuple[int, ...],
                   mean_type: str, var_type: str, clip_denoised: bool, guidance_scale: float = 0.0,
                   devices=None) -> Callable:
-  """pmapped ancestral sampling: ``p_sample(replicated_params, key) -> [D, n, H, W, C]`` in [-1, 1].
+  """Data-parallel ancestral sampling: ``p_sample(params, key) -> [D, n, H, W, C]`` in [-1, 1].
 
-  A class-conditional model draws image ``i`` (global index ``d * n + j``) of class ``i mod K``, with
-  classifier-free guidance ``guidance_scale``.
+  ``params`` as `replicate` places them (the train state's ``ema_params``); device ``d`` draws its ``n`` images
+  from ``fold_in(key, d)``. A class-conditional model draws image ``i`` (global index ``d * n + j``) of class
+  ``i mod K``, with classifier-free guidance ``guidance_scale``.
   """
   num_classes = getattr(model, 'num_classes', 0)
 
@@ -418,27 +455,34 @@ def make_p_sample(model: Any, schedule: schedule_lib.Schedule, *, shape_per_devi
       denoise_fn = sampling.classifier_free_guidance(
           lambda x, t, y: model.apply({'params': params}, x, t, y, train=False), labels,
           null_label=num_classes, guidance_scale=guidance_scale)
-    return sampling.p_sample_loop(schedule, denoise_fn, shape_per_device, key, mean_type=mean_type,
-                                  var_type=var_type, clip_denoised=clip_denoised)
-  return jax.pmap(sample, axis_name=AXIS, in_axes=(0, None), devices=devices)
+    x = sampling.p_sample_loop(schedule, denoise_fn, shape_per_device, key, mean_type=mean_type,
+                               var_type=var_type, clip_denoised=clip_denoised)
+    return x[None]
+
+  spec, rep = jax.sharding.PartitionSpec(AXIS), jax.sharding.PartitionSpec()
+  return jax.jit(jax.shard_map(sample, mesh=make_mesh(devices), in_specs=(rep, rep), out_specs=spec,
+                               check_vma=False))
 
 
-def device_sharding(devices) -> jax.sharding.NamedSharding:
-  """The sharding pmap gives its outputs; inputs placed with it do not trigger a second compilation."""
-  mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+def device_sharding(devices=None) -> jax.sharding.NamedSharding:
+  """Batches ``[D, b, ...]`` split over the devices along the leading axis (what the step expects)."""
+  return jax.sharding.NamedSharding(make_mesh(devices), jax.sharding.PartitionSpec(AXIS))
 
 
-def replicate(tree: Any, devices) -> Any:
-  """Copies a host pytree onto each device: leaves [D, ...], placed as pmap places its outputs."""
-  sharding = device_sharding(devices)
-  return jax.tree.map(
-      lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), sharding), tree)
+def replicate(tree: Any, devices=None) -> Any:
+  """Places a host pytree whole on every device (sharding ``P()``); leaves keep their shapes.
+
+  With several processes every process must pass the same values (they do: all start from the same seed or
+  restore the same checkpoint).
+  """
+  sharding = jax.sharding.NamedSharding(make_mesh(devices), jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
 def unreplicate(tree: Any) -> Any:
-  """The first device's copy of a replicated pytree, as host numpy arrays."""
-  return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+  """A replicated pytree (from `replicate` or the step) as host numpy arrays: this process's first copy."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x),
+                      tree)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -589,10 +633,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         d.dataset, split=d.split, image_size=d.image_size, channels=d.channels, global_batch=o.batch_size,
         seed=data_seed, start_step=start_step, random_flip=d.random_flip, shuffle_buffer=d.shuffle_buffer,
         data_dir=d.data_dir, **common)
-  batches = input_pipeline.prefetch_to_device(batches, d.prefetch, device_sharding(devices))
+  batches = input_pipeline.prefetch_to_device(batches, d.prefetch, device_sharding())
 
   p_train_step = make_p_train_step(
-      devices=devices, model=model, schedule=schedule, tx=tx, lr_fn=warmup_lr(o.lr, o.warmup_steps),
+      model=model, schedule=schedule, tx=tx, lr_fn=warmup_lr(o.lr, o.warmup_steps),
       ema_decay=o.ema_decay, mean_type=df.mean_type, var_type=df.var_type, loss_type=df.loss_type,
       grad_clip=o.grad_clip, groups_per_device=o.clip_groups // jax.device_count() if o.clip_groups else 0,
       class_dropout=float(config.model.get('class_dropout', 0.0)) if num_classes else 0.0)
@@ -601,11 +645,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     p_sample = make_p_sample(model, schedule, shape_per_device=(t.num_samples // jax.device_count(),) + image_shape,
                              mean_type=df.mean_type, var_type=config.sample.var_type,
                              clip_denoised=config.sample.clip_denoised,
-                             guidance_scale=float(config.sample.get('guidance_scale', 0.0)), devices=devices)
+                             guidance_scale=float(config.sample.get('guidance_scale', 0.0)))
 
   def write_samples(step, rstate):
     samples = p_sample(rstate.ema_params, jax.random.fold_in(sample_key, step))
-    samples = input_pipeline.to_uint8(np.asarray(samples).reshape((-1,) + image_shape))
+    samples = multihost_utils.global_array_to_host_local_array(samples, make_mesh(), jax.sharding.PartitionSpec(AXIS))
+    samples = input_pipeline.to_uint8(np.asarray(samples).reshape((-1,) + image_shape))  # this host's images
     path = None
     if is_chief:
       scale, ncols = max(1, 128 // d.image_size), None
@@ -617,7 +662,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info('Wrote EMA samples to %s', path)
     return path
 
-  rstate = replicate(state, devices)
+  rstate = replicate(state)
   del state
   pending = []  # (step, device metrics) not yet checked for finiteness.
   window = []
@@ -633,14 +678,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Fetches pending metrics, raising NonFiniteLossError at the first bad step."""
     host = jax.device_get([mt for _, mt in pending])
     for (s, _), mt in zip(pending, host):
-      loss = float(mt['loss'][0])
+      loss = float(mt['loss'])
       if not np.isfinite(loss):
         ckpt.wait()
         raise NonFiniteLossError(
             f'Loss is {loss} at step {s} (the update from state step {s} to {s + 1}); stopping. '
             f'The last good checkpoint (step {last_saved}) in {ckpt.directory} is intact and was not '
             'overwritten. Lower optim.lr, keep optim.grad_clip > 0, or check the data, then rerun to resume.')
-      window.append({k: float(v[0]) for k, v in mt.items()})
+      window.append({k: float(v) for k, v in mt.items()})
     pending.clear()
 
   def save(step_done):

@@ -182,7 +182,7 @@ def _step_once(model, batch, class_dropout, seed=0):
                                      lr_fn=train_lib.warmup_lr(1e-3, 0), ema_decay=0.9, class_dropout=class_dropout)
   batch = jax.tree.map(lambda a: a[None], batch)
   new_state, metrics = step(train_lib.replicate(state, devices), batch, jax.random.key(1))
-  return train_lib.unreplicate(new_state), {k: float(v[0]) for k, v in metrics.items()}
+  return train_lib.unreplicate(new_state), {k: float(v) for k, v in metrics.items()}
 
 
 def test_train_step_with_labels_and_label_dropout():

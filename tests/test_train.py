@@ -69,22 +69,45 @@ def test_one_vs_eight_devices(clip_groups):
   s1, m1 = _run_steps(jax.local_devices()[:1], clip_groups=clip_groups)
   s8, m8 = _run_steps(jax.local_devices(), clip_groups=clip_groups)
   for a, b in zip(m1, m8):
-    assert np.all(b['loss'] == b['loss'][0])  # Replicas agree after pmean.
-    np.testing.assert_allclose(a['loss'][0], b['loss'][0], rtol=1e-5)
-    np.testing.assert_allclose(a['grad_norm'][0], b['grad_norm'][0], rtol=1e-4)
-  assert m1[0]['grad_norm'][0] > 1.0  # Clipping at 1.0 is active, so it is part of what is compared.
+    assert a['loss'].shape == b['loss'].shape == ()  # Scalars: averaged over the devices.
+    np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-5)
+    np.testing.assert_allclose(a['grad_norm'], b['grad_norm'], rtol=1e-4)
+  assert m1[0]['grad_norm'] > 1.0  # Clipping at 1.0 is active, so it is part of what is compared.
   _assert_same(s1[-1].params, s8[-1].params, rtol=1e-4, atol=2e-6)
   _assert_same(s1[-1].ema_params, s8[-1].ema_params, rtol=1e-4, atol=2e-6)
   if clip_groups:
     _, m_global = _run_steps(jax.local_devices()[:1])
     # Same examples, t and noise; the mean of the groups' norms exceeds the norm of their mean.
-    np.testing.assert_allclose(m1[0]['loss'][0], m_global[0]['loss'][0], rtol=1e-5)
-    assert m1[0]['grad_norm'][0] > m_global[0]['grad_norm'][0]
+    np.testing.assert_allclose(m1[0]['loss'], m_global[0]['loss'], rtol=1e-5)
+    assert m1[0]['grad_norm'] > m_global[0]['grad_norm']
+
+
+def test_step_keeps_replicas_identical_and_donates_the_state():
+  devices = jax.local_devices()
+  tx = train_lib.make_optimizer(lr=1e-3, warmup_steps=2, grad_clip=1.0)
+  p_step = train_lib.make_p_train_step(devices=devices, model=MODEL, schedule=SCHEDULE, tx=tx,
+                                       lr_fn=train_lib.warmup_lr(1e-3, 2), ema_decay=0.9)
+  rstate = train_lib.replicate(train_lib.create_state(_params(), tx), devices)
+  leaf = jax.tree.leaves(rstate.params)[0]
+  assert leaf.shape == jax.tree.leaves(_params())[0].shape and leaf.sharding.is_fully_replicated
+  batches = input_pipeline.in_memory_batches(input_pipeline.load_digits(8), global_batch=16, seed=0,
+                                             num_local_devices=len(devices))
+  batch = jax.device_put(next(batches), train_lib.device_sharding(devices))
+  for _ in range(2):  # lr is 0 at step 0, so the second step is the one that changes the params.
+    new_state, _ = p_step(rstate, batch, jax.random.key(1))
+    assert leaf.is_deleted()  # Donated: XLA wrote the new state into the old buffers.
+    rstate, leaf = new_state, jax.tree.leaves(new_state.params)[0]
+  for x in jax.tree.leaves(rstate):
+    copies = [np.asarray(s.data) for s in x.addressable_shards]
+    assert len(copies) == len(devices)
+    for c in copies[1:]:
+      np.testing.assert_array_equal(c, copies[0])  # The devices agree exactly after pmean.
+  np.testing.assert_array_equal(train_lib.unreplicate(rstate).step, 2)
 
 
 def test_warmup_ema_and_step_counter():
   states, metrics = _run_steps(jax.local_devices()[:1])  # warmup 2, EMA 0.9.
-  assert [float(m['lr'][0]) for m in metrics] == pytest.approx([0.0, 5e-4, 1e-3])
+  assert [float(m['lr']) for m in metrics] == pytest.approx([0.0, 5e-4, 1e-3])
   assert [int(s.step) for s in states] == [0, 1, 2, 3]
   _assert_same(states[1].params, states[0].params, rtol=0, atol=0)  # The first update uses lr 0.
   _assert_same(states[1].ema_params, states[1].params, rtol=0, atol=0)  # EMA copies at step 0.
