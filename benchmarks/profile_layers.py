@@ -7,6 +7,7 @@
 block, built from `ddpm_jax.models.layers` and from the plain formulas (Flax GroupNorm/Dense, einsum attention).
 ``convs``: forward and input + weight gradient of each 3x3 convolution shape of the model, times how often it
 occurs, for XLA and for PyTorch (oneDNN, ``torch.ops.aten.convolution_backward``); needs the ``reference`` extra.
+The convs after an upsample run as the model runs them (`layers.upsample_conv3x3`) on the XLA side.
 JAX runs with the XLA:CPU setting of `--cpu_tuning` (default: train.py's). Medians of ``--repeats`` calls.
 """
 
@@ -22,12 +23,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ddpm_jax import cpu_tuning  # pylint: disable=wrong-import-position
 
-# (resolution, in channels, out channels, stride, occurrences) of the CIFAR-10 U-Net's 3x3 convolutions.
-CONVS = [(32, 3, 128, 1, 1), (32, 128, 128, 1, 7), (32, 128, 128, 2, 1), (16, 128, 256, 1, 1),
-         (16, 256, 256, 1, 7), (16, 256, 256, 2, 1), (8, 256, 256, 1, 8), (8, 256, 256, 2, 1),
-         (4, 256, 256, 1, 11), (4, 512, 256, 1, 3), (8, 512, 256, 1, 3), (16, 512, 256, 1, 2),
-         (16, 384, 256, 1, 1), (32, 256, 256, 1, 1), (32, 384, 128, 1, 1), (32, 256, 128, 1, 2),
-         (32, 128, 3, 1, 1)]
+# (resolution, in channels, out channels, kind, occurrences) of the CIFAR-10 U-Net's 3x3 convolutions. Kind 's1' and
+# 's2': stride 1 or 2; 'up': the conv after a x2 nearest upsample (resolution = its output), which the model computes
+# as four 2x2 convs at half the resolution (`layers.upsample_conv3x3`) and the peer as a conv of the upsampled input.
+CONVS = [(32, 3, 128, 's1', 1), (32, 128, 128, 's1', 7), (32, 128, 128, 's2', 1), (16, 128, 256, 's1', 1),
+         (16, 256, 256, 's1', 6), (16, 256, 256, 'up', 1), (16, 256, 256, 's2', 1), (8, 256, 256, 's1', 7),
+         (8, 256, 256, 'up', 1), (8, 256, 256, 's2', 1), (4, 256, 256, 's1', 11), (4, 512, 256, 's1', 3),
+         (8, 512, 256, 's1', 3), (16, 512, 256, 's1', 2), (16, 384, 256, 's1', 1), (32, 256, 256, 'up', 1),
+         (32, 384, 128, 's1', 1), (32, 256, 128, 's1', 2), (32, 128, 3, 's1', 1)]
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -98,10 +101,12 @@ def bench_convs(batch: int, repeats: int) -> list[tuple]:
   import jax
   import numpy as np
   import torch
+  from ddpm_jax.models import layers
   torch.set_num_threads(os.cpu_count() or 1)
   rng = np.random.default_rng(0)
   rows = []
-  for h, cin, cout, stride, count in CONVS:
+  for h, cin, cout, kind, count in CONVS:
+    stride = 2 if kind == 's2' else 1
     pad = ((1, 1), (1, 1)) if stride == 1 else ((0, 1), (0, 1))  # TF 'SAME'
 
     def conv(x, w, stride=stride, pad=pad):
@@ -110,9 +115,11 @@ def bench_convs(batch: int, repeats: int) -> list[tuple]:
     x = rng.normal(size=(batch, h, h, cin)).astype(np.float32)
     w = (0.05 * rng.normal(size=(3, 3, cin, cout))).astype(np.float32)
     dy = rng.normal(size=(batch, h // stride, h // stride, cout)).astype(np.float32)
-    fwd = jax.jit(conv)
-    bwd = jax.jit(lambda x, w, dy: jax.vjp(conv, x, w)[1](dy))
     jx, jw, jdy = map(jax.device_put, (x, w, dy))
+    if kind == 'up':  # what the model runs: the half-resolution input, no upsampled copy
+      conv, jx = layers.upsample_conv3x3, jax.device_put(x[:, ::2, ::2])
+    fwd = jax.jit(conv)
+    bwd = jax.jit(lambda x, w, dy, conv=conv: jax.vjp(conv, x, w)[1](dy))
     j_f = _median_ms(lambda: jax.block_until_ready(fwd(jx, jw)), repeats)
     j_b = _median_ms(lambda: jax.block_until_ready(bwd(jx, jw, jdy)), repeats)
     tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
@@ -125,7 +132,7 @@ def bench_convs(batch: int, repeats: int) -> list[tuple]:
       t_b = _median_ms(lambda: torch.ops.aten.convolution_backward(
           tdy, txp, tw, [cout], [stride, stride], [tpad, tpad], [1, 1], False, [0, 0], 1, [True, True, False]),
           repeats)
-    rows.append((f'{h}x{h} {cin}->{cout} s{stride}', count, j_f, j_b, t_f, t_b))
+    rows.append((f'{h}x{h} {cin}->{cout} {kind}', count, j_f, j_b, t_f, t_b))
   return rows
 
 

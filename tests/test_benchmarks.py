@@ -128,9 +128,10 @@ def test_profile_convs_covers_the_model(monkeypatch):
                                                       jnp.zeros((1,), jnp.int32), train=False))
   kernels = sorted((p.shape[2], p.shape[3]) for p in jax.tree.leaves(params) if p.ndim == 4)
   assert sorted((c[1], c[2]) for c in profile.CONVS for _ in range(c[-1])) == kernels
-  monkeypatch.setattr(profile, 'CONVS', [(8, 4, 8, 1, 2), (8, 8, 8, 2, 1)])
+  assert sum(c[-1] for c in profile.CONVS if c[3] == 'up') == 3  # one per upsampling level
+  monkeypatch.setattr(profile, 'CONVS', [(8, 4, 8, 's1', 2), (8, 8, 8, 's2', 1), (8, 4, 4, 'up', 1)])
   rows = profile.bench_convs(batch=1, repeats=1)
-  assert [r[:2] for r in rows] == [('8x8 4->8 s1', 2), ('8x8 8->8 s2', 1)]
+  assert [r[:2] for r in rows] == [('8x8 4->8 s1', 2), ('8x8 8->8 s2', 1), ('8x8 4->4 up', 1)]
   assert all(t > 0 for r in rows for t in r[2:])
 
 

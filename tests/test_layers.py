@@ -93,6 +93,38 @@ def _ref_attention(q, k, v):
   return jnp.einsum('bnm,bmc->bnc', w, v)
 
 
+def _upsample_then_conv(x, kernel, bias):
+  up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  return jax.lax.conv_general_dilated(up, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
+
+
+@pytest.mark.parametrize('shape', [(2, 4, 4, 3), (1, 3, 5, 2), (2, 1, 1, 4)])
+def test_upsample_conv_equals_upsampling_then_conv(shape):
+  # Odd and non-square sizes and a 1x1 input (every tap at a border) check the phase taps and the padding.
+  rng = np.random.default_rng(0)
+  x, kernel, bias = _rand(rng, *shape), _rand(rng, 3, 3, shape[-1], 5), _rand(rng, 5)
+  dy = _rand(rng, shape[0], 2 * shape[1], 2 * shape[2], 5)
+  y, vjp = jax.vjp(jax.jit(layers.upsample_conv3x3), x, kernel, bias)
+  y_ref, vjp_ref = jax.vjp(_upsample_then_conv, x, kernel, bias)
+  assert y.shape == y_ref.shape
+  assert _max_rel(y_ref, y) < 1e-5
+  for got, want in zip(vjp(dy), vjp_ref(dy)):
+    assert got.shape == want.shape
+    assert _max_rel(want, got) < 1e-5
+
+
+def test_upsample_conv_module_keeps_flax_conv_parameters():
+  x = jnp.ones((1, 4, 4, 6))
+  init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform')
+  mine = layers.UpsampleConv(8, kernel_init=init).init(jax.random.key(3), x)
+  flax_conv = nn.Conv(8, (3, 3), kernel_init=init).init(jax.random.key(3), x)
+  assert jax.tree.map(jnp.shape, mine) == jax.tree.map(jnp.shape, flax_conv)
+  for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(flax_conv)):
+    np.testing.assert_array_equal(a, b)
+  bf16 = layers.UpsampleConv(8, dtype=jnp.bfloat16).apply(mine, x)
+  assert bf16.shape == (1, 8, 8, 8) and bf16.dtype == jnp.bfloat16
+
+
 def test_attention_value_and_gradient():
   rng = np.random.default_rng(3)
   q, k, v, dout = (_rand(rng, 2, 10, 8, scale=2.0) for _ in range(4))

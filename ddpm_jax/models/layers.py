@@ -36,7 +36,8 @@ import flax.linen as nn
 
 from ddpm_jax import cpu_tuning
 
-__all__ = ["GroupNorm", "group_norm", "Dense", "dense", "attention", "Dropout", "dropout"]
+__all__ = ["GroupNorm", "group_norm", "Dense", "dense", "UpsampleConv", "upsample_conv3x3", "attention", "Dropout",
+           "dropout"]
 
 
 def _group_sum(s: jax.Array, groups: int) -> jax.Array:
@@ -195,6 +196,74 @@ class Dense(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
     return dense(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+
+
+# ----------------------------------------------------------------------------
+# Upsampling convolution
+# ----------------------------------------------------------------------------
+
+
+def _phase_taps(w: jax.Array, phase: int) -> jax.Array:
+  """Folds a 3-tap axis (axis 0) into the 2 taps one output phase of a x2 nearest upsample sees.
+
+  Output row ``2i + phase`` of ``conv3x3(upsample(x))`` reads upsampled rows ``2i + phase - 1 .. 2i + phase + 1``,
+  which are input rows ``i - 1, i, i`` (phase 0) or ``i, i, i + 1`` (phase 1).
+  """
+  if phase == 0:
+    return jnp.stack([w[0], w[1] + w[2]])
+  return jnp.stack([w[0] + w[1], w[2]])
+
+
+def upsample_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+  """``conv3x3(nearest_upsample_x2(x), kernel) + bias`` ('SAME' zero padding, NHWC, kernel HWIO ``[3, 3, I, O]``).
+
+  Computed without upsampling: each of the four output phases ``(a, b)`` (output pixel ``(2i + a, 2j + b)``)
+  is a 2x2 convolution of the zero-padded input with the kernel taps that land on the same input pixel summed
+  (`_phase_taps`). That is 16 instead of 36 multiply-adds per input pixel and channel pair (2.25x fewer), and
+  the upsampled input is never written. The sums of taps are formed in the kernel's dtype; results equal the
+  direct computation up to float rounding (tested in ``tests/test_layers.py``).
+  """
+  b, h, w, _ = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  rows = []
+  for a in range(2):
+    kr = _phase_taps(kernel, a)  # [2, 3, I, O]
+    cols = []
+    for c in range(2):
+      k = jnp.moveaxis(_phase_taps(jnp.moveaxis(kr, 1, 0), c), 0, 1).astype(x.dtype)  # [2, 2, I, O]
+      cols.append(jax.lax.conv_general_dilated(xp[:, a:a + h + 1, c:c + w + 1], k, (1, 1), 'VALID',
+                                               dimension_numbers=dn))
+    rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2, O]
+  y = jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, kernel.shape[-1])  # [B, H, 2, W, 2, O] -> interleaved
+  return y if bias is None else y + bias.astype(y.dtype)
+
+
+class UpsampleConv(nn.Module):
+  """Nearest-neighbour x2 upsampling then a 3x3 'SAME' convolution, via `upsample_conv3x3`.
+
+  Parameters, their names, shapes and initialisation are those of ``flax.linen.Conv(features, (3, 3))``
+  (``kernel [3, 3, in, features]``, ``bias [features]``), so checkpoints and importers are unchanged.
+
+  Attributes:
+    features: output channels.
+    kernel_init, bias_init: initializers.
+    dtype: computation dtype (inputs and parameters are cast to it).
+    param_dtype: parameter dtype.
+  """
+
+  features: int
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x ``[B, H, W, C]``. Returns ``[B, 2H, 2W, features]``."""
+    kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    return upsample_conv3x3(x.astype(self.dtype), kernel, bias.astype(self.dtype))
 
 
 # ----------------------------------------------------------------------------

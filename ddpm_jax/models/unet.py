@@ -414,10 +414,11 @@ class Upsample(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x ``[B,H,W,C]``. Returns ``[B,2H,2W,C]``."""
-    x = jnp.repeat(jnp.repeat(x.astype(self.dtype), 2, axis=1), 2, axis=2)
     if self.with_conv:
-      x = _conv3x3(x.shape[-1], self.dtype, self.param_dtype, "conv")(x)
-    return x
+      # = Conv3x3(repeat(x)) with the same parameters, computed as four 2x2 convs on x (2.25x fewer FLOPs).
+      return layers.UpsampleConv(x.shape[-1], kernel_init=default_init(1.0), bias_init=nn.initializers.zeros,
+                                 dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+    return jnp.repeat(jnp.repeat(x.astype(self.dtype), 2, axis=1), 2, axis=2)
 
 
 def _blocks(remat: bool):
