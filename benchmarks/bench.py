@@ -391,9 +391,10 @@ def table(results: Sequence[Result]) -> str:
   if 'jax' in by and 'torch' in by:
     j, t = by['jax'], by['torch']
     ratio = lambda a, b: None if a is None or b is None or b == 0 else a / b
-    rows.append(('jax/torch', _fmt(ratio(j.train_img_s, t.train_img_s), '.2f') + 'x',
-                 _fmt(ratio(j.sample_img_steps_s, t.sample_img_steps_s), '.2f') + 'x',
-                 _fmt(ratio(t.sample_256x1000_s, j.sample_256x1000_s), '.2f') + 'x faster', '', ''))
+    times = lambda v: '-' if v is None else format(v, '.2f') + 'x'
+    rows.append(('jax/torch', times(ratio(j.train_img_s, t.train_img_s)),
+                 times(ratio(j.sample_img_steps_s, t.sample_img_steps_s)),
+                 times(ratio(j.sample_256x1000_s, t.sample_256x1000_s)) + ' (time)', '', ''))
   widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
   line = lambda cells: ' | '.join(str(c).ljust(w) for c, w in zip(cells, widths))
   out = [line(head), '-+-'.join('-' * w for w in widths)] + [line(r) for r in rows]

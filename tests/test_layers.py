@@ -133,12 +133,14 @@ def test_attention_value_and_gradient():
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
   for got, want in zip(vjp(dout), vjp_ref(dout)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  # Undifferentiated calls take the primal path (softmax normalized after the second product).
+  np.testing.assert_allclose(jax.jit(layers.attention)(q, k, v), y_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_attention_bfloat16_keeps_dtypes():
   q = k = v = jnp.ones((1, 4, 8), jnp.bfloat16)
   y, vjp = jax.vjp(layers.attention, q, k, v)
-  assert y.dtype == jnp.bfloat16
+  assert y.dtype == jnp.bfloat16 and layers.attention(q, k, v).dtype == jnp.bfloat16
   assert all(g.dtype == jnp.bfloat16 for g in vjp(jnp.ones_like(y)))
 
 
