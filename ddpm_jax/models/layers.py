@@ -208,15 +208,14 @@ class Dense(nn.Module):
 # ----------------------------------------------------------------------------
 
 
-def _phase_taps(w: jax.Array, phase: int) -> jax.Array:
-  """Folds a 3-tap axis (axis 0) into the 2 taps one output phase of a x2 nearest upsample sees.
+def _phase_taps(w: jax.Array, phase: int, axis: int) -> jax.Array:
+  """Folds the 3 taps along ``axis`` into the 2 taps that one output phase of a x2 nearest upsample sees.
 
   Output row ``2i + phase`` of ``conv3x3(upsample(x))`` reads upsampled rows ``2i + phase - 1 .. 2i + phase + 1``,
   which are input rows ``i - 1, i, i`` (phase 0) or ``i, i, i + 1`` (phase 1).
   """
-  if phase == 0:
-    return jnp.stack([w[0], w[1] + w[2]])
-  return jnp.stack([w[0] + w[1], w[2]])
+  t0, t1, t2 = (jax.lax.index_in_dim(w, i, axis, keepdims=False) for i in range(3))
+  return jnp.stack((t0, t1 + t2) if phase == 0 else (t0 + t1, t2), axis=axis)
 
 
 def upsample_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
@@ -233,10 +232,10 @@ def upsample_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = N
   dn = ('NHWC', 'HWIO', 'NHWC')
   rows = []
   for a in range(2):
-    kr = _phase_taps(kernel, a)  # [2, 3, I, O]
+    kr = _phase_taps(kernel, a, 0)  # [2, 3, I, O]
     cols = []
     for c in range(2):
-      k = jnp.moveaxis(_phase_taps(jnp.moveaxis(kr, 1, 0), c), 0, 1).astype(x.dtype)  # [2, 2, I, O]
+      k = _phase_taps(kr, c, 1).astype(x.dtype)  # [2, 2, I, O]
       cols.append(jax.lax.conv_general_dilated(xp[:, a:a + h + 1, c:c + w + 1], k, (1, 1), 'VALID',
                                                dimension_numbers=dn))
     rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2, O]
