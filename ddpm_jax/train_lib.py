@@ -649,8 +649,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def write_samples(step, rstate):
     samples = p_sample(rstate.ema_params, jax.random.fold_in(sample_key, step))
-    samples = multihost_utils.global_array_to_host_local_array(samples, make_mesh(), jax.sharding.PartitionSpec(AXIS))
-    samples = input_pipeline.to_uint8(np.asarray(samples).reshape((-1,) + image_shape))  # this host's images
+    samples = multihost_utils.process_allgather(samples, tiled=True)  # every host's images, on every host
+    samples = input_pipeline.to_uint8(np.asarray(samples).reshape((-1,) + image_shape))
     path = None
     if is_chief:
       scale, ncols = max(1, 128 // d.image_size), None
