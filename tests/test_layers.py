@@ -19,6 +19,17 @@ def _max_rel(a, b):
   return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
 
 
+def _assert_value_and_vjp_match(f, ref, args, dy):
+  """``jit(f)`` and ``ref`` agree in value and in the VJP of ``dy`` (shapes equal, max relative error < 1e-5)."""
+  y, vjp = jax.vjp(jax.jit(f), *args)
+  y_ref, vjp_ref = jax.vjp(ref, *args)
+  assert y.shape == y_ref.shape
+  assert _max_rel(y_ref, y) < 1e-5
+  for got, want in zip(vjp(dy), vjp_ref(dy)):
+    assert got.shape == want.shape
+    assert _max_rel(want, got) < 1e-5
+
+
 def _ref_group_norm(x, scale, bias, groups, eps=1e-6):
   return nn.GroupNorm(num_groups=groups, epsilon=eps, use_fast_variance=False).apply(
       {'params': {'scale': scale, 'bias': bias}}, x)
@@ -36,12 +47,7 @@ def test_group_norm_value_and_gradient_match_flax(monkeypatch, stats, shape, gro
   scale, bias, dy = _rand(rng, c, shift=1.0), _rand(rng, c), _rand(rng, *shape)
   f = lambda x, s, b: layers.group_norm(x, s, b, num_groups=groups)
   ref = lambda x, s, b: _ref_group_norm(x, s, b, groups)
-  y, vjp = jax.vjp(jax.jit(f), x, scale, bias)
-  y_ref, vjp_ref = jax.vjp(ref, x, scale, bias)
-  assert _max_rel(y_ref, y) < 1e-5
-  for got, want in zip(vjp(dy), vjp_ref(dy)):
-    assert got.shape == want.shape
-    assert _max_rel(want, got) < 1e-5
+  _assert_value_and_vjp_match(f, ref, (x, scale, bias), dy)
 
 
 def test_group_norm_second_order_is_not_silently_wrong():
@@ -104,13 +110,7 @@ def test_upsample_conv_equals_upsampling_then_conv(shape):
   rng = np.random.default_rng(0)
   x, kernel, bias = _rand(rng, *shape), _rand(rng, 3, 3, shape[-1], 5), _rand(rng, 5)
   dy = _rand(rng, shape[0], 2 * shape[1], 2 * shape[2], 5)
-  y, vjp = jax.vjp(jax.jit(layers.upsample_conv3x3), x, kernel, bias)
-  y_ref, vjp_ref = jax.vjp(_upsample_then_conv, x, kernel, bias)
-  assert y.shape == y_ref.shape
-  assert _max_rel(y_ref, y) < 1e-5
-  for got, want in zip(vjp(dy), vjp_ref(dy)):
-    assert got.shape == want.shape
-    assert _max_rel(want, got) < 1e-5
+  _assert_value_and_vjp_match(layers.upsample_conv3x3, _upsample_then_conv, (x, kernel, bias), dy)
 
 
 def test_upsample_conv_module_keeps_flax_conv_parameters():

@@ -180,8 +180,11 @@ def _dense_bwd(res, dy):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-class Dense(nn.Module):
-  """``flax.linen.Dense`` (same parameters ``kernel [in, out]`` and ``bias [out]``) built on `dense`.
+class _KernelBias(nn.Module):
+  """A layer with Flax's ``kernel`` and ``bias`` parameters (names, shapes, initializers, dtype casts).
+
+  Subclasses give the kernel shape for an input and the function of ``(x, kernel, bias)`` it computes; ``x`` and
+  ``bias`` arrive in ``dtype``, the kernel in ``param_dtype`` (each subclass casts it where it should).
 
   Attributes:
     features: output size.
@@ -196,11 +199,30 @@ class Dense(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def _kernel_shape(self, x: jax.Array) -> tuple[int, ...]:
+    raise NotImplementedError
+
+  def _fn(self, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    raise NotImplementedError
+
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+    kernel = self.param("kernel", self.kernel_init, self._kernel_shape(x), self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-    return dense(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+    return self._fn(x.astype(self.dtype), kernel, bias.astype(self.dtype))
+
+
+class Dense(_KernelBias):
+  """``flax.linen.Dense`` (same parameters ``kernel [in, out]`` and ``bias [out]``) built on `dense`.
+
+  Attributes: those of `_KernelBias` (``features``, ``kernel_init``, ``bias_init``, ``dtype``, ``param_dtype``).
+  """
+
+  def _kernel_shape(self, x):
+    return (x.shape[-1], self.features)
+
+  def _fn(self, x, kernel, bias):
+    return dense(x, kernel.astype(self.dtype), bias)
 
 
 # ----------------------------------------------------------------------------
@@ -243,31 +265,21 @@ def upsample_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = N
   return y if bias is None else y + bias.astype(y.dtype)
 
 
-class UpsampleConv(nn.Module):
+class UpsampleConv(_KernelBias):
   """Nearest-neighbour x2 upsampling then a 3x3 'SAME' convolution, via `upsample_conv3x3`.
 
   Parameters, their names, shapes and initialisation are those of ``flax.linen.Conv(features, (3, 3))``
-  (``kernel [3, 3, in, features]``, ``bias [features]``), so checkpoints and importers are unchanged.
+  (``kernel [3, 3, in, features]``, ``bias [features]``), so checkpoints and importers are unchanged. Called on
+  ``x [B, H, W, C]`` it returns ``[B, 2H, 2W, features]``.
 
-  Attributes:
-    features: output channels.
-    kernel_init, bias_init: initializers.
-    dtype: computation dtype (inputs and parameters are cast to it).
-    param_dtype: parameter dtype.
+  Attributes: those of `_KernelBias` (``features``, ``kernel_init``, ``bias_init``, ``dtype``, ``param_dtype``).
   """
 
-  features: int
-  kernel_init: Any = nn.initializers.lecun_normal()
-  bias_init: Any = nn.initializers.zeros
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  def _kernel_shape(self, x):
+    return (3, 3, x.shape[-1], self.features)
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Args: x ``[B, H, W, C]``. Returns ``[B, 2H, 2W, features]``."""
-    kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-    return upsample_conv3x3(x.astype(self.dtype), kernel, bias.astype(self.dtype))
+  def _fn(self, x, kernel, bias):
+    return upsample_conv3x3(x, kernel, bias)  # folds the taps in param_dtype, then casts to x's dtype
 
 
 # ----------------------------------------------------------------------------
