@@ -153,8 +153,8 @@ def make_multi_step(step_fn: Callable, k: int, devices: Sequence[Any] | None = N
   """
   def many(state, batches, key):
     return lax.scan(lambda s, b: step_fn(s, b, key), state, batches[0], length=k)
-  spec, rep = jax.sharding.PartitionSpec(train_lib.AXIS), jax.sharding.PartitionSpec()
-  return jax.jit(jax.shard_map(many, mesh=train_lib.make_mesh(devices), in_specs=(rep, spec, rep),
+  rep = train_lib.REPLICATED
+  return jax.jit(jax.shard_map(many, mesh=train_lib.make_mesh(devices), in_specs=(rep, train_lib.SPLIT, rep),
                                out_specs=(rep, rep), check_vma=False), donate_argnums=(0,))
 
 

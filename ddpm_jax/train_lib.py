@@ -44,6 +44,8 @@ from ddpm_jax import schedule as schedule_lib
 from ddpm_jax.models import unet as unet_lib
 
 AXIS = 'batch'
+SPLIT = jax.sharding.PartitionSpec(AXIS)  # split over the devices along the leading axis (batches)
+REPLICATED = jax.sharding.PartitionSpec()  # whole on every device (the train state)
 
 
 class ConfigError(ValueError):
@@ -426,9 +428,8 @@ def make_p_train_step(devices=None, **step_kwargs) -> Callable:
   # check_vma=False, as jax.pmap has it: the step averages gradients with explicit pmeans (with the checks on,
   # autodiff would also sum the gradients of the replicated params). The state comes out identical on every
   # device (tests/test_train.py checks it).
-  spec, rep = jax.sharding.PartitionSpec(AXIS), jax.sharding.PartitionSpec()
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(rep, spec, rep), out_specs=(rep, rep),
-                               check_vma=False), donate_argnums=(0,))
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(REPLICATED, SPLIT, REPLICATED),
+                               out_specs=(REPLICATED, REPLICATED), check_vma=False), donate_argnums=(0,))
 
 
 def make_p_sample(model: Any, schedule: schedule_lib.Schedule, *, shape_per_device: tuple[int, ...],
@@ -459,14 +460,13 @@ def make_p_sample(model: Any, schedule: schedule_lib.Schedule, *, shape_per_devi
                                var_type=var_type, clip_denoised=clip_denoised)
     return x[None]
 
-  spec, rep = jax.sharding.PartitionSpec(AXIS), jax.sharding.PartitionSpec()
-  return jax.jit(jax.shard_map(sample, mesh=make_mesh(devices), in_specs=(rep, rep), out_specs=spec,
-                               check_vma=False))
+  return jax.jit(jax.shard_map(sample, mesh=make_mesh(devices), in_specs=(REPLICATED, REPLICATED),
+                               out_specs=SPLIT, check_vma=False))
 
 
 def device_sharding(devices=None) -> jax.sharding.NamedSharding:
   """Batches ``[D, b, ...]`` split over the devices along the leading axis (what the step expects)."""
-  return jax.sharding.NamedSharding(make_mesh(devices), jax.sharding.PartitionSpec(AXIS))
+  return jax.sharding.NamedSharding(make_mesh(devices), SPLIT)
 
 
 def replicate(tree: Any, devices=None) -> Any:
@@ -475,7 +475,7 @@ def replicate(tree: Any, devices=None) -> Any:
   With several processes every process must pass the same values (they do: all start from the same seed or
   restore the same checkpoint).
   """
-  sharding = jax.sharding.NamedSharding(make_mesh(devices), jax.sharding.PartitionSpec())
+  sharding = jax.sharding.NamedSharding(make_mesh(devices), REPLICATED)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
