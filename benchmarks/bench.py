@@ -19,7 +19,11 @@ For the paper's CIFAR-10 U-Net (35,746,307 parameters) this measures, in one pro
 Every timing excludes warm-up, waits for the device (`block_until_ready` / `torch.cuda.synchronize`) and is the
 median of the timed repeats. Example (the CPU numbers in BENCHMARKS.md)::
 
-  python benchmarks/bench.py --batch 32 --train_steps 3 --sample_steps 4 --impl jax,torch --json out.json
+  python benchmarks/bench.py --batch 32 --train_steps 3 --sample_steps 4 --rounds 3 --json out.json
+
+``--rounds n`` repeats the whole comparison n times, the implementations alternating (each in its own process),
+and reports each round's jax/torch ratio with their median and range, and the medians of every measurement: on
+a machine whose speed drifts (a shared cloud VM) one round's ratio can be off by 10 % or more.
 """
 
 from __future__ import annotations
@@ -443,6 +447,45 @@ def run_isolated(argv: Sequence[str], impls: Sequence[str], *, cpu_tuning: str =
   return list(results.values())
 
 
+_NUMERIC = ('train_img_s', 'train_compile_s', 'train_peak_mb', 'sample_img_steps_s', 'sample_256x1000_s',
+            'sample_compile_s', 'sample_peak_mb')
+
+
+def median_over_rounds(rounds: Sequence[Sequence[Result]]) -> list[Result]:
+  """One `Result` per implementation whose measurements are the medians over ``rounds`` (each a `run` result)."""
+  out = []
+  for impl in [r.impl for r in rounds[0]]:
+    mine = [r for rnd in rounds for r in rnd if r.impl == impl]
+    fields = {f: statistics.median(v) if (v := [getattr(r, f) for r in mine if getattr(r, f) is not None])
+              else None for f in _NUMERIC}
+    out.append(dataclasses.replace(mine[0], **fields, notes=f'median of {len(mine)} rounds; {mine[0].notes}'))
+  return out
+
+
+def ratios_over_rounds(rounds: Sequence[Sequence[Result]]) -> dict[str, list[float]]:
+  """The jax/torch throughput ratio of each round (train and sample), where both were measured."""
+  out = {'train': [], 'sample': []}
+  for rnd in rounds:
+    by = {r.impl: r for r in rnd}
+    if 'jax' not in by or 'torch' not in by:
+      continue
+    for name, f in (('train', 'train_img_s'), ('sample', 'sample_img_steps_s')):
+      j, t = getattr(by['jax'], f), getattr(by['torch'], f)
+      if j is not None and t:
+        out[name].append(j / t)
+  return out
+
+
+def rounds_summary(rounds: Sequence[Sequence[Result]]) -> str:
+  """Each round's jax/torch ratios and their median and range: the figure to quote on a noisy machine."""
+  lines = [f'{len(rounds)} rounds (jax and torch alternating, each in its own process); jax/torch per round:']
+  for name, rs in ratios_over_rounds(rounds).items():
+    if rs:
+      lines.append(f'  {name}: ' + ' '.join(f'{r:.2f}x' for r in rs) +
+                   f'  -> median {statistics.median(rs):.2f}x, range {min(rs):.2f}-{max(rs):.2f}x')
+  return '\n'.join(lines)
+
+
 def _strip(argv: Sequence[str], names: Sequence[str]) -> list[str]:
   """argv without the given options (and their values)."""
   out, skip = [], False
@@ -476,8 +519,15 @@ def main(argv=None):
                  help="XLA:CPU setting (ddpm_jax.cpu_tuning): 'auto' = what train.py / sample.py use for each phase")
   p.add_argument('--in_process', action='store_true',
                  help='measure every impl in this process (default: one subprocess per impl when several)')
+  p.add_argument('--rounds', type=int, default=1,
+                 help='repeat the whole comparison this many times, the implementations alternating, and report '
+                      'medians and the ratio of each round (for machines whose speed drifts)')
   p.add_argument('--json', default=None, help='write results + environment here')
   a = p.parse_args(argv)
+  if a.rounds < 1:
+    p.error(f'--rounds must be at least 1, got {a.rounds}')
+  if a.rounds > 1 and a.in_process:
+    p.error('--rounds runs each implementation in its own process; drop --in_process')
   impls = [s.strip() for s in a.impl.split(',') if s.strip()]
   bad = set(impls) - {'jax', 'torch'}
   if bad:
@@ -493,9 +543,16 @@ def main(argv=None):
   print('command:', ' '.join(['python', sys.argv[0]] + argv), f'| load average {os.getloadavg()}', flush=True)
   t0 = time.time()
   load0 = os.getloadavg()
-  if isolated:
-    results = run_isolated(_strip(argv, ('--impl', '--json', '--in_process', '--cpu_tuning')), impls,
-                           cpu_tuning=a.cpu_tuning)
+  rounds = []
+  if isolated or a.rounds > 1:
+    for i in range(a.rounds):
+      rounds.append(run_isolated(_strip(argv, ('--impl', '--json', '--in_process', '--cpu_tuning', '--rounds')),
+                                 impls, cpu_tuning=a.cpu_tuning))
+      if a.rounds > 1:
+        print(f'round {i + 1} of {a.rounds}:', table(rounds[-1]), sep='\n', flush=True)
+    results = median_over_rounds(rounds) if a.rounds > 1 else rounds[0]
+    if a.rounds > 1:
+      print(rounds_summary(rounds), 'medians over the rounds:', sep='\n')
   else:
     results = run(batch=a.batch, train_steps=a.train_steps, sample_steps=a.sample_steps,
                   sample_repeats=a.sample_repeats, dtype=a.dtype, impls=impls, remat=a.remat,
@@ -504,8 +561,12 @@ def main(argv=None):
   print(f'total wall time {time.time() - t0:.0f} s; load average at start {load0}, at end {os.getloadavg()}')
   if a.json:
     with open(a.json, 'w') as f:
+      extra = {}
+      if a.rounds > 1:
+        extra = dict(rounds=[[dataclasses.asdict(r) for r in rnd] for rnd in rounds],
+                     ratios_per_round=ratios_over_rounds(rounds))
       json.dump(dict(environment=env, argv=argv, loadavg_start=load0, loadavg_end=os.getloadavg(),
-                     results=[dataclasses.asdict(r) for r in results]), f, indent=1)
+                     results=[dataclasses.asdict(r) for r in results], **extra), f, indent=1)
   return results
 
 

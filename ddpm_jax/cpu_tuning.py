@@ -15,7 +15,8 @@ development machine (BENCHMARKS.md), ``--xla_cpu_experimental_ynn_fusion_type`` 
 
 (measured before the hand-written gradients of `ddpm_jax.models.layers`; BENCHMARKS.md has the current
 figures), so training runs with ``reduce`` and sampling-only commands with ``individual_dot``. `ynn_reductions`
-tells `ddpm_jax.models.layers.group_norm` which of the two is in force (it lays out its reductions to suit).
+tells `ddpm_jax.models.layers` which of the two is in force: with XLA's own reduction kernels it computes the
+GroupNorm statistics and the attention softmax's row max and sum as trees of halvings, which are faster there.
 The flag only concerns the CPU backend: on GPU and TPU hosts it changes nothing (the device does the work).
 
 Nothing here is applied when the user set the flag in ``XLA_FLAGS`` already, when ``DDPM_JAX_CPU_TUNING=0``, when
@@ -67,8 +68,8 @@ def ynn_reductions() -> bool:
   """Whether XLA:CPU hands reductions to YNNPACK in this process, judged from ``XLA_FLAGS``.
 
   True unless ``--xla_cpu_experimental_ynn_fusion_type`` is set (last occurrence wins) to a list without
-  ``reduce`` or with ``-reduce``. `ddpm_jax.models.layers.group_norm` uses it to pick the reduction layout that
-  is fast for the kernels XLA:CPU will use.
+  ``reduce`` or with ``-reduce``. `ddpm_jax.models.layers` uses it to pick the form of its reductions that is
+  fast for the kernels XLA:CPU will use (plain reductions or trees of halvings).
   """
   value = None
   for f in os.environ.get('XLA_FLAGS', '').split():

@@ -100,6 +100,29 @@ def test_merge_fills_missing_fields():
   assert m.train_img_s == 1.0 and m.sample_img_steps_s == 5.0 and m.notes == 'a; b'
 
 
+def test_rounds_give_medians_and_the_ratio_of_each_round():
+  mk = lambda impl, tr, sm: bench.Result(impl, 'cpu', 32, 'float32', 10, train_img_s=tr, sample_img_steps_s=sm)
+  rounds = [[mk('jax', 6.0, 20.0), mk('torch', 3.0, 10.0)],
+            [mk('jax', 4.0, 30.0), mk('torch', 4.0, 10.0)],
+            [mk('jax', 5.0, None), mk('torch', 5.0, 10.0)]]
+  med = bench.median_over_rounds(rounds)
+  assert [r.impl for r in med] == ['jax', 'torch']
+  assert med[0].train_img_s == 5.0 and med[0].sample_img_steps_s == 25.0  # None (not measured) is left out
+  assert med[1].train_img_s == 4.0 and med[0].train_compile_s is None
+  assert 'median of 3 rounds' in med[0].notes
+  ratios = bench.ratios_over_rounds(rounds)
+  assert ratios == {'train': [2.0, 1.0, 1.0], 'sample': [2.0, 3.0]}
+  text = bench.rounds_summary(rounds)
+  assert 'train: 2.00x 1.00x 1.00x' in text and 'median 1.00x' in text and 'median 2.50x' in text
+
+
+def test_bad_rounds_are_rejected():
+  with pytest.raises(SystemExit):
+    bench.main(['--rounds', '0'])
+  with pytest.raises(SystemExit):
+    bench.main(['--rounds', '2', '--in_process'])
+
+
 def _load_profile_layers():
   spec = importlib.util.spec_from_file_location(
       'ddpm_profile_layers', os.path.join(os.path.dirname(_PATH), 'profile_layers.py'))

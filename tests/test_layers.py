@@ -35,11 +35,12 @@ def _ref_group_norm(x, scale, bias, groups, eps=1e-6):
       {'params': {'scale': scale, 'bias': bias}}, x)
 
 
-@pytest.mark.parametrize('stats', ['channels', 'groups'])
+@pytest.mark.parametrize('sums', ['reduce', 'tree'])
 @pytest.mark.parametrize('shape,groups', [((2, 6, 5, 16), 4), ((3, 4, 4, 8), 8), ((1, 3, 3, 12), 1)])
-def test_group_norm_value_and_gradient_match_flax(monkeypatch, stats, shape, groups):
-  # Both reduction layouts of the forward statistics ('groups' is what XLA:CPU uses without YNN reductions).
-  monkeypatch.setattr(cpu_tuning, 'ynn_reductions', lambda: stats == 'channels')
+def test_group_norm_value_and_gradient_match_flax(monkeypatch, sums, shape, groups):
+  # Both ways of summing over the image ('tree' is what XLA:CPU uses without YNN reductions); 30, 16 and 9
+  # pixels take the tree through odd lengths too.
+  monkeypatch.setattr(cpu_tuning, 'ynn_reductions', lambda: sums == 'reduce')
   rng = np.random.default_rng(0)
   # An offset mean and a large spread, so that the two-pass variance and a wrong mean term would both show.
   x = _rand(rng, *shape, scale=3.0, shift=5.0)
@@ -48,6 +49,18 @@ def test_group_norm_value_and_gradient_match_flax(monkeypatch, stats, shape, gro
   f = lambda x, s, b: layers.group_norm(x, s, b, num_groups=groups)
   ref = lambda x, s, b: _ref_group_norm(x, s, b, groups)
   _assert_value_and_vjp_match(f, ref, (x, scale, bias), dy)
+
+
+@pytest.mark.parametrize('n', [1, 2, 3, 5, 7, 8, 30, 1024])
+@pytest.mark.parametrize('axis', [1, 2])
+def test_tree_reduce_is_the_reduction(n, axis):
+  shape = [2, 3, 4]
+  shape[axis] = n
+  a = np.random.default_rng(n).normal(size=shape).astype(np.float32)
+  total = layers._tree_reduce(jnp.asarray(a), axis, jnp.add)
+  assert total.shape == tuple(1 if i == axis else d for i, d in enumerate(shape))
+  np.testing.assert_allclose(total, a.astype(np.float64).sum(axis, keepdims=True), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(layers._tree_reduce(jnp.asarray(a), axis, jnp.maximum), a.max(axis, keepdims=True))
 
 
 def test_group_norm_second_order_is_not_silently_wrong():
@@ -125,7 +138,10 @@ def test_upsample_conv_module_keeps_flax_conv_parameters():
   assert bf16.shape == (1, 8, 8, 8) and bf16.dtype == jnp.bfloat16
 
 
-def test_attention_value_and_gradient():
+@pytest.mark.parametrize('reductions', ['reduce', 'tree'])
+def test_attention_value_and_gradient(monkeypatch, reductions):
+  # 'tree': the row max and sum as halvings (XLA:CPU without YNN reductions); 10 keys take it through odd lengths.
+  monkeypatch.setattr(cpu_tuning, 'ynn_reductions', lambda: reductions == 'reduce')
   rng = np.random.default_rng(3)
   q, k, v, dout = (_rand(rng, 2, 10, 8, scale=2.0) for _ in range(4))
   y, vjp = jax.vjp(jax.jit(layers.attention), q, k, v)

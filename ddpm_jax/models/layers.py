@@ -33,7 +33,7 @@ are tested against ``jax.grad`` of the plain formulas in ``tests/test_layers.py`
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -57,24 +57,47 @@ def _per_channel(g: jax.Array, c: int) -> jax.Array:
   return jnp.repeat(g, c // groups, axis=1)
 
 
-def _stats(x: jax.Array, groups: int, eps: float):
-  """Mean and 1/sqrt(var + eps) per (example, group), each [B, G], with the two-pass variance.
+def _xla_cpu_reductions() -> bool:
+  """Whether reductions run on XLA:CPU's own kernels (CPU without YNNPACK reductions: the 'inference' setting)."""
+  return jax.default_backend() == 'cpu' and not cpu_tuning.ynn_reductions()
 
-  On XLA:CPU without YNNPACK reductions (the 'inference' setting of `ddpm_jax.cpu_tuning`), XLA's own reduction
-  kernels are faster over the ``[B, H*W, G, C/G]`` group view; everywhere else the per-channel sums are.
-  Both compute the same statistics (up to float32 summation order).
+
+def _tree_reduce(a: jax.Array, axis: int, op: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+  """Reduces ``axis`` to size 1 as a pairwise tree of element-wise ``op``s of slices (log2 n halvings).
+
+  XLA:CPU's own reduction kernels are slow for the reductions of this model (the GroupNorm statistics, the
+  softmax's row max and sum); the same reduction as halvings, which XLA fuses into vectorized element-wise
+  loops, is 2-3x faster there (`_sum_hw`, `attention`). For ``add`` it is pairwise summation.
   """
+  while a.shape[axis] > 1:
+    n = a.shape[axis]
+    h = n // 2
+    r = op(jax.lax.slice_in_dim(a, 0, h, axis=axis), jax.lax.slice_in_dim(a, h, 2 * h, axis=axis))
+    a = jnp.concatenate([r, jax.lax.slice_in_dim(a, 2 * h, n, axis=axis)], axis=axis) if n % 2 else r
+  return a
+
+
+def _sum_hw(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] -> [B, C]: per-channel sums over the image.
+
+  With XLA:CPU's own reductions (`_xla_cpu_reductions`) as a tree of halvings (`_tree_reduce`): the statistics
+  of one 32x32x128 GroupNorm at batch 32 took about 2.3 ms as a reduction on the 2-core development machine and
+  1 ms as a tree. Everywhere else (YNNPACK's reductions, GPU, TPU) a plain reduction. The same sums up to float32
+  rounding.
+  """
+  if _xla_cpu_reductions():
+    b, h, w, c = x.shape
+    return _tree_reduce(x.reshape(b, h * w, c), 1, jnp.add)[:, 0]
+  return jnp.sum(x, axis=(1, 2))
+
+
+def _stats(x: jax.Array, groups: int, eps: float):
+  """Mean and 1/sqrt(var + eps) per (example, group), each [B, G], with the two-pass variance."""
   b, h, w, c = x.shape
-  if jax.default_backend() == 'cpu' and not cpu_tuning.ynn_reductions():
-    xg = x.reshape(b, h * w, groups, c // groups)
-    mean = jnp.mean(xg, axis=(1, 3))
-    centered = xg - mean[:, None, :, None]
-    var = jnp.mean(jnp.square(centered), axis=(1, 3))
-    return mean, jax.lax.rsqrt(var + eps)
   n = h * w * (c // groups)
-  mean = _group_sum(jnp.sum(x, axis=(1, 2)), groups) / n
+  mean = _group_sum(_sum_hw(x), groups) / n
   centered = x - _per_channel(mean, c)[:, None, None, :]
-  var = _group_sum(jnp.sum(jnp.square(centered), axis=(1, 2)), groups) / n
+  var = _group_sum(_sum_hw(jnp.square(centered)), groups) / n
   return mean, jax.lax.rsqrt(var + eps)
 
 
@@ -97,8 +120,8 @@ def _group_norm_bwd(groups, eps, res, dy):
   x, scale, mean, rstd = res
   b, h, w, c = x.shape
   n = h * w * (c // groups)
-  sum_dy = jnp.sum(dy, axis=(1, 2))  # [B, C]
-  sum_dy_x = jnp.sum(dy * x, axis=(1, 2))  # [B, C]
+  sum_dy = _sum_hw(dy)  # [B, C]
+  sum_dy_x = _sum_hw(dy * x)  # [B, C]
   mean_c, rstd_c = _per_channel(mean, c), _per_channel(rstd, c)
   # sum over H, W of dy * xhat, with xhat = (x - mean) * rstd.
   sum_dy_xhat = rstd_c * (sum_dy_x - mean_c * sum_dy)  # [B, C]
@@ -307,12 +330,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
   Without differentiation (sampling) the softmax is normalized after the second product, ``(e v) / s`` with
   ``e = exp(l - max l)`` and ``s`` its row sums, and ``q`` is scaled before the first: one pass less over the
-  ``[B, N, N]`` weights (about 3 of 15 ms per attention block at batch 32 on the 2-core CPU). Under
-  differentiation the forward pass keeps the normalized weights, which the backward pass reuses.
+  ``[B, N, N]`` weights (about 3 of 15 ms per attention block at batch 32 on the 2-core CPU). The row max and
+  sum are trees of halvings with XLA:CPU's own reductions (`_tree_reduce`; 11.5 -> 9.8 ms per block there).
+  Under differentiation the forward pass keeps the normalized weights, which the backward pass reuses.
   """
   logits = _bmm(q * jnp.asarray(float(q.shape[-1]) ** -0.5, q.dtype), k, 2, 2)  # float32 [B, N, N]
-  e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-  out = _bmm(e.astype(v.dtype), v, 2, 1) / jnp.sum(e, axis=-1, keepdims=True)
+  if _xla_cpu_reductions():
+    row_max, row_sum = (lambda a: _tree_reduce(a, 2, jnp.maximum)), (lambda a: _tree_reduce(a, 2, jnp.add))
+  else:
+    row_max, row_sum = (lambda a: jnp.max(a, -1, keepdims=True)), (lambda a: jnp.sum(a, -1, keepdims=True))
+  e = jnp.exp(logits - row_max(logits))
+  out = _bmm(e.astype(v.dtype), v, 2, 1) / row_sum(e)
   return out.astype(v.dtype)
 
 
