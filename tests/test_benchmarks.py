@@ -116,6 +116,18 @@ def test_rounds_give_medians_and_the_ratio_of_each_round():
   assert 'train: 2.00x 1.00x 1.00x' in text and 'median 1.00x' in text and 'median 2.50x' in text
 
 
+def test_rounds_run_end_to_end(tmp_path, capsys):
+  out = tmp_path / 'r.json'
+  results = bench.main(['--tiny', '--batch', '2', '--train_steps', '0', '--sample_steps', '1', '--sample_repeats', '1',
+                        '--impl', 'jax', '--rounds', '2', '--json', str(out)])
+  assert len(results) == 1 and results[0].sample_img_steps_s > 0 and 'median of 2 rounds' in results[0].notes
+  assert 'round 2 of 2' in capsys.readouterr().out
+  data = json.loads(out.read_text())
+  assert len(data['rounds']) == 2 and data['ratios_per_round'] == {'train': [], 'sample': []}
+  per_round = sorted(r[0]['sample_img_steps_s'] for r in data['rounds'])
+  assert data['results'][0]['sample_img_steps_s'] == pytest.approx(sum(per_round) / 2)  # median of two
+
+
 def test_bad_rounds_are_rejected():
   with pytest.raises(SystemExit):
     bench.main(['--rounds', '0'])
