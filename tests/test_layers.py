@@ -41,6 +41,7 @@ def test_group_norm_value_and_gradient_match_flax(monkeypatch, sums, shape, grou
   # Both ways of summing over the image ('tree' is what XLA:CPU uses without YNN reductions); 30, 16 and 9
   # pixels take the tree through odd lengths too.
   monkeypatch.setattr(cpu_tuning, 'ynn_reductions', lambda: sums == 'reduce')
+  jax.clear_caches()  # the path is chosen while tracing: no trace of the other parametrization may be reused
   rng = np.random.default_rng(0)
   # An offset mean and a large spread, so that the two-pass variance and a wrong mean term would both show.
   x = _rand(rng, *shape, scale=3.0, shift=5.0)
@@ -142,6 +143,7 @@ def test_upsample_conv_module_keeps_flax_conv_parameters():
 def test_attention_value_and_gradient(monkeypatch, reductions):
   # 'tree': the row max and sum as halvings (XLA:CPU without YNN reductions); 10 keys take it through odd lengths.
   monkeypatch.setattr(cpu_tuning, 'ynn_reductions', lambda: reductions == 'reduce')
+  jax.clear_caches()  # the path is chosen while tracing: no trace of the other parametrization may be reused
   rng = np.random.default_rng(3)
   q, k, v, dout = (_rand(rng, 2, 10, 8, scale=2.0) for _ in range(4))
   y, vjp = jax.vjp(jax.jit(layers.attention), q, k, v)
