@@ -81,6 +81,11 @@ class Result:
   notes: str = ''
 
 
+# The measured fields of `Result` (None where not measured).
+MEASUREMENTS = ('train_img_s', 'train_compile_s', 'train_peak_mb', 'sample_img_steps_s', 'sample_256x1000_s',
+                'sample_compile_s', 'sample_peak_mb')
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Memory
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,8 +375,7 @@ def run(*, batch: int = 32, train_steps: int = 3, sample_steps: int = 4, sample_
     r = Result('torch', torch.cuda.get_device_name() if cuda else platform.processor() or 'cpu', batch,
                'float32', th['params'], peak_kind='torch.cuda.max_memory_allocated' if cuda else CpuPeak.kind,
                notes=f'threads={torch.get_num_threads()}')
-    for f in ('train_img_s', 'train_compile_s', 'train_peak_mb', 'sample_img_steps_s', 'sample_256x1000_s',
-              'sample_compile_s', 'sample_peak_mb'):
+    for f in MEASUREMENTS:
       setattr(r, f, th.get(f))
     results.append(r)
   return results
@@ -447,17 +451,13 @@ def run_isolated(argv: Sequence[str], impls: Sequence[str], *, cpu_tuning: str =
   return list(results.values())
 
 
-_NUMERIC = ('train_img_s', 'train_compile_s', 'train_peak_mb', 'sample_img_steps_s', 'sample_256x1000_s',
-            'sample_compile_s', 'sample_peak_mb')
-
-
 def median_over_rounds(rounds: Sequence[Sequence[Result]]) -> list[Result]:
   """One `Result` per implementation whose measurements are the medians over ``rounds`` (each a `run` result)."""
   out = []
   for impl in [r.impl for r in rounds[0]]:
     mine = [r for rnd in rounds for r in rnd if r.impl == impl]
     fields = {f: statistics.median(v) if (v := [getattr(r, f) for r in mine if getattr(r, f) is not None])
-              else None for f in _NUMERIC}
+              else None for f in MEASUREMENTS}
     out.append(dataclasses.replace(mine[0], **fields, notes=f'median of {len(mine)} rounds; {mine[0].notes}'))
   return out
 
@@ -545,9 +545,9 @@ def main(argv=None):
   load0 = os.getloadavg()
   rounds = []
   if isolated or a.rounds > 1:
+    child_argv = _strip(argv, ('--impl', '--json', '--in_process', '--cpu_tuning', '--rounds'))
     for i in range(a.rounds):
-      rounds.append(run_isolated(_strip(argv, ('--impl', '--json', '--in_process', '--cpu_tuning', '--rounds')),
-                                 impls, cpu_tuning=a.cpu_tuning))
+      rounds.append(run_isolated(child_argv, impls, cpu_tuning=a.cpu_tuning))
       if a.rounds > 1:
         print(f'round {i + 1} of {a.rounds}:', table(rounds[-1]), sep='\n', flush=True)
     results = median_over_rounds(rounds) if a.rounds > 1 else rounds[0]

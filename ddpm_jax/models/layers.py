@@ -67,7 +67,7 @@ def _tree_reduce(a: jax.Array, axis: int, op: Callable[[jax.Array, jax.Array], j
 
   XLA:CPU's own reduction kernels are slow for the reductions of this model (the GroupNorm statistics, the
   softmax's row max and sum); the same reduction as halvings, which XLA fuses into vectorized element-wise
-  loops, is 2-3x faster there (`_sum_hw`, `attention`). For ``add`` it is pairwise summation.
+  loops, is 2-3x faster there (`_reduce`). For ``add`` it is pairwise summation.
   """
   while a.shape[axis] > 1:
     n = a.shape[axis]
@@ -77,18 +77,27 @@ def _tree_reduce(a: jax.Array, axis: int, op: Callable[[jax.Array, jax.Array], j
   return a
 
 
-def _sum_hw(x: jax.Array) -> jax.Array:
-  """[B, H, W, C] -> [B, C]: per-channel sums over the image.
+# The plain reduction for each `_tree_reduce` op.
+_PLAIN_REDUCTION = {jnp.add: jnp.sum, jnp.maximum: jnp.max}
+
+
+def _reduce(a: jax.Array, axis: int, op: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+  """``a`` reduced over ``axis`` with ``op`` (``jnp.add`` or ``jnp.maximum``), the axis kept with size 1.
 
   With XLA:CPU's own reductions (`_xla_cpu_reductions`) as a tree of halvings (`_tree_reduce`): the statistics
   of one 32x32x128 GroupNorm at batch 32 took about 2.3 ms as a reduction on the 2-core development machine and
-  1 ms as a tree. Everywhere else (YNNPACK's reductions, GPU, TPU) a plain reduction. The same sums up to float32
-  rounding.
+  1 ms as a tree. Everywhere else (YNNPACK's reductions, GPU, TPU) a plain reduction. The same result up to
+  float32 rounding.
   """
   if _xla_cpu_reductions():
-    b, h, w, c = x.shape
-    return _tree_reduce(x.reshape(b, h * w, c), 1, jnp.add)[:, 0]
-  return jnp.sum(x, axis=(1, 2))
+    return _tree_reduce(a, axis, op)
+  return _PLAIN_REDUCTION[op](a, axis=axis, keepdims=True)
+
+
+def _sum_hw(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] -> [B, C]: per-channel sums over the image (`_reduce`)."""
+  b, h, w, c = x.shape
+  return _reduce(x.reshape(b, h * w, c), 1, jnp.add)[:, 0]
 
 
 def _stats(x: jax.Array, groups: int, eps: float):
@@ -331,16 +340,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   Without differentiation (sampling) the softmax is normalized after the second product, ``(e v) / s`` with
   ``e = exp(l - max l)`` and ``s`` its row sums, and ``q`` is scaled before the first: one pass less over the
   ``[B, N, N]`` weights (about 3 of 15 ms per attention block at batch 32 on the 2-core CPU). The row max and
-  sum are trees of halvings with XLA:CPU's own reductions (`_tree_reduce`; 11.5 -> 9.8 ms per block there).
+  sum are trees of halvings with XLA:CPU's own reductions (`_reduce`; 11.5 -> 9.8 ms per block there).
   Under differentiation the forward pass keeps the normalized weights, which the backward pass reuses.
   """
   logits = _bmm(q * jnp.asarray(float(q.shape[-1]) ** -0.5, q.dtype), k, 2, 2)  # float32 [B, N, N]
-  if _xla_cpu_reductions():
-    row_max, row_sum = (lambda a: _tree_reduce(a, 2, jnp.maximum)), (lambda a: _tree_reduce(a, 2, jnp.add))
-  else:
-    row_max, row_sum = (lambda a: jnp.max(a, -1, keepdims=True)), (lambda a: jnp.sum(a, -1, keepdims=True))
-  e = jnp.exp(logits - row_max(logits))
-  out = _bmm(e.astype(v.dtype), v, 2, 1) / row_sum(e)
+  e = jnp.exp(logits - _reduce(logits, 2, jnp.maximum))
+  out = _bmm(e.astype(v.dtype), v, 2, 1) / _reduce(e, 2, jnp.add)
   return out.astype(v.dtype)
 
 
