@@ -63,4 +63,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cpu_tuning.restart_with_malloc_tuning()  # glibc malloc with huge pages on CPU hosts (ddpm_jax.cpu_tuning)
   app.run(main)

@@ -10,6 +10,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from ddpm_jax import cpu_tuning  # standard library only: loads nothing heavy
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file('config', os.path.join(_HERE, 'configs', 'digits.py'),
                                 'Training config file (configs/*.py).', lock_config=True)
@@ -21,7 +23,6 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Keep TensorFlow (tf.data only) off the accelerators before anything imports it.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  from ddpm_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
   cpu_tuning.tune_cpu('train')  # faster XLA:CPU kernels for training; no effect on GPU/TPU
   from ddpm_jax import train_lib  # pylint: disable=g-import-not-at-top
   workdir = _WORKDIR.value
@@ -32,4 +33,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cpu_tuning.restart_with_malloc_tuning()  # glibc malloc with huge pages on CPU hosts (ddpm_jax.cpu_tuning)
   app.run(main)

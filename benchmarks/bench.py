@@ -329,7 +329,7 @@ def bench_torch(model, params, *, batch: int, train_steps: int, sample_steps: in
 def environment() -> dict:
   info = dict(python=platform.python_version(), jax=jax.__version__, backend=jax.default_backend(),
               device=str(jax.local_devices()[0].device_kind), cpu_count=os.cpu_count(),
-              xla_flags=os.environ.get('XLA_FLAGS', ''),
+              xla_flags=os.environ.get('XLA_FLAGS', ''), glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''),
               matmul_precision=str(jax.config.jax_default_matmul_precision))
   try:
     import flax
@@ -426,7 +426,9 @@ def run_isolated(argv: Sequence[str], impls: Sequence[str], *, cpu_tuning: str =
   workers spin after each call): measured here, the torch peer ran 18x slower after a JAX run in the same
   process. A fresh process per implementation also gives each its own peak-RSS baseline. With
   ``cpu_tuning='auto'`` JAX's training and sampling run in separate processes too, each with the XLA:CPU
-  setting the commands use for it (``ddpm_jax.cpu_tuning``: train.py 'train', sample.py 'inference').
+  setting the commands use for it (``ddpm_jax.cpu_tuning``: train.py 'train', sample.py 'inference'). Unless
+  ``cpu_tuning='none'`` the JAX processes start with glibc's malloc set as the commands set it
+  (`cpu_tuning.malloc_tuning_env`: transparent huge pages on CPU hosts); the peer with this process's.
   """
   import subprocess
   import tempfile
@@ -443,7 +445,10 @@ def run_isolated(argv: Sequence[str], impls: Sequence[str], *, cpu_tuning: str =
       out = os.path.join(tmp, 'r.json')
       cmd = [sys.executable, os.path.abspath(__file__), *argv, *extra, '--impl', impl, '--json', out, '--in_process']
       # The child chooses its own XLA:CPU setting: it starts from the user's XLA_FLAGS, not this process's.
-      subprocess.run(cmd, check=True, env=dict(os.environ, XLA_FLAGS=cpu_tuning_lib.user_xla_flags()))
+      env = dict(os.environ, XLA_FLAGS=cpu_tuning_lib.user_xla_flags())
+      if impl == 'jax' and cpu_tuning != 'none':  # and malloc as the commands start it (huge pages on CPU hosts)
+        env = cpu_tuning_lib.malloc_tuning_env(env) or env
+      subprocess.run(cmd, check=True, env=env)
       with open(out) as f:
         for r in json.load(f)['results']:
           r = Result(**r)
@@ -518,7 +523,9 @@ def main(argv=None):
   p.add_argument('--cpu_tuning', default='auto', choices=('auto', 'train', 'inference', 'none'),
                  help="XLA:CPU setting (ddpm_jax.cpu_tuning): 'auto' = what train.py / sample.py use for each phase")
   p.add_argument('--in_process', action='store_true',
-                 help='measure every impl in this process (default: one subprocess per impl when several)')
+                 help='measure every impl in this process (default: a subprocess per impl, and per JAX phase with '
+                      '--cpu_tuning auto, started with the CPU settings of the commands; in-process with '
+                      '--cpu_tuning none and one impl)')
   p.add_argument('--rounds', type=int, default=1,
                  help='repeat the whole comparison this many times, the implementations alternating, and report '
                       'medians and the ratio of each round (for machines whose speed drifts)')
@@ -532,7 +539,8 @@ def main(argv=None):
   bad = set(impls) - {'jax', 'torch'}
   if bad:
     p.error(f'unknown --impl {sorted(bad)}; use jax, torch or jax,torch')
-  isolated = not a.in_process and (len(impls) > 1 or (a.cpu_tuning == 'auto' and a.train_steps and a.sample_steps))
+  # A JAX run with the commands' CPU settings needs a fresh process: glibc reads its malloc tunables at start-up.
+  isolated = not a.in_process and (len(impls) > 1 or a.cpu_tuning != 'none')
   if not isolated and a.cpu_tuning != 'none':  # before anything starts JAX's backends
     phase = a.cpu_tuning if a.cpu_tuning != 'auto' else ('train' if a.train_steps else 'inference')
     cpu_tuning_lib.tune_cpu(phase)

@@ -73,3 +73,104 @@ def test_ynn_reductions_reads_the_flag(monkeypatch, xla_flags, expected):
   else:
     monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1 ' + xla_flags)
   assert cpu_tuning.ynn_reductions() is expected
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# glibc malloc with transparent huge pages (restart_with_malloc_tuning)
+# ----------------------------------------------------------------------------------------------------------------
+
+FACTS = dict(thp_mode='madvise', glibc=(2, 36), on_cpu=True)
+
+
+def test_malloc_tuning_env_adds_the_tunable_where_it_applies(monkeypatch):
+  monkeypatch.setattr(sys, 'platform', 'linux')
+  env = {'PATH': '/bin'}
+  assert cpu_tuning.malloc_tuning_env(env, **FACTS) == {'PATH': '/bin', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+  assert env == {'PATH': '/bin'}  # the caller's mapping is left alone
+  other = {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}
+  assert (cpu_tuning.malloc_tuning_env(other, **FACTS)['GLIBC_TUNABLES']
+          == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1')
+
+
+@pytest.mark.parametrize('env,facts', [
+    ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, {}),  # the user's own setting wins
+    ({'DDPM_JAX_CPU_TUNING': '0'}, {}),
+    ({}, {'thp_mode': 'always'}),  # malloc gets huge pages anyway
+    ({}, {'thp_mode': 'never'}),
+    ({}, {'thp_mode': ''}),  # no such kernel setting
+    ({}, {'glibc': (2, 34)}),  # the tunable came with glibc 2.35
+    ({}, {'glibc': ()}),  # musl, or not Linux
+    ({}, {'on_cpu': False}),  # a GPU/TPU does the work
+])
+def test_malloc_tuning_env_does_nothing_elsewhere(monkeypatch, env, facts):
+  monkeypatch.setattr(sys, 'platform', 'linux')
+  assert cpu_tuning.malloc_tuning_env(env, **{**FACTS, **facts}) is None
+
+
+def test_malloc_tuning_env_only_on_linux(monkeypatch):
+  monkeypatch.setattr(sys, 'platform', 'darwin')
+  assert cpu_tuning.malloc_tuning_env({}, **FACTS) is None
+
+
+def test_backend_and_huge_page_mode_detection(monkeypatch, tmp_path):
+  assert cpu_tuning._computes_on_cpu({'JAX_PLATFORMS': 'cpu'})
+  assert cpu_tuning._computes_on_cpu({'JAX_PLATFORMS': 'cpu,cuda'})
+  assert not cpu_tuning._computes_on_cpu({'JAX_PLATFORMS': 'cuda,cpu'})
+  assert not cpu_tuning._computes_on_cpu({'JAX_PLATFORMS': 'tpu'})
+  monkeypatch.setattr(cpu_tuning, 'ACCELERATOR_PLUGINS', ('json',))  # an importable module stands in for a plug-in
+  assert not cpu_tuning._computes_on_cpu({})
+  monkeypatch.setattr(cpu_tuning, 'ACCELERATOR_PLUGINS', ('no_such_plugin_xyz',))
+  assert cpu_tuning._computes_on_cpu({})
+  mode = tmp_path / 'enabled'
+  mode.write_text('always [madvise] never\n')
+  monkeypatch.setattr(cpu_tuning, 'THP_MODE_FILE', str(mode))
+  assert cpu_tuning._thp_mode() == 'madvise'
+  monkeypatch.setattr(cpu_tuning, 'THP_MODE_FILE', str(tmp_path / 'missing'))
+  assert cpu_tuning._thp_mode() == ''
+
+
+RESTART = '''
+import ctypes, os, resource, sys
+from ddpm_jax import cpu_tuning
+print('start', os.getpid(), flush=True)  # printed twice when the process restarts itself
+cpu_tuning.restart_with_malloc_tuning()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+n = 256 << 20
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+ctypes.memset(libc.malloc(n), 1, n)  # a large block, touched once
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print('end', os.getpid(), os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:], faults)
+'''
+
+
+def _restart(tmp_path, **env):
+  """Runs RESTART as a command; returns (its environment, the pids of its 'start' lines, the rest of its 'end' line)."""
+  script = tmp_path / 'cmd.py'
+  script.write_text(RESTART)
+  full = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', **env)
+  if 'GLIBC_TUNABLES' not in env:
+    full.pop('GLIBC_TUNABLES', None)
+  res = subprocess.run([sys.executable, str(script), 'a', '--b=c d'], env=full, capture_output=True, text=True,
+                       timeout=60, check=False)
+  assert res.returncode == 0, res.stderr[-2000:]
+  *starts, end = res.stdout.strip().splitlines()
+  _, pid, rest = end.split(' ', 2)
+  assert all(line == f'start {pid}' for line in starts)  # one process, re-executed in place
+  return full, len(starts), rest
+
+
+def test_restart_reexecutes_the_command_once_with_the_tunable(tmp_path):
+  env, starts, rest = _restart(tmp_path)
+  if cpu_tuning.malloc_tuning_env(env) is None:  # not this machine: nothing happens
+    assert starts == 1 and rest.startswith(" ['a', '--b=c d']")
+    pytest.skip('malloc tuning does not apply here (platform, glibc or huge-page mode)')
+  assert starts == 2 and rest.startswith("glibc.malloc.hugetlb=1 ['a', '--b=c d']")
+  tuned_faults = int(rest.rsplit(' ', 1)[1])
+  _, starts, rest = _restart(tmp_path, GLIBC_TUNABLES='glibc.malloc.hugetlb=0')  # the user's setting: no restart
+  assert starts == 1 and rest.startswith("glibc.malloc.hugetlb=0 ['a', '--b=c d']")
+  plain_faults = int(rest.rsplit(' ', 1)[1])
+  # 256 MiB in 4 KiB pages is 65,536 faults; in 2 MiB pages 128 (the kernel may fall back to small pages).
+  assert tuned_faults < plain_faults / 2, (tuned_faults, plain_faults)
+  _, starts, rest = _restart(tmp_path, DDPM_JAX_CPU_TUNING='0')
+  assert starts == 1 and rest.startswith(" ['a', '--b=c d']")
