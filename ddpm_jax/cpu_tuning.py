@@ -157,13 +157,16 @@ def restart_with_malloc_tuning() -> None:
   """Re-executes this Python process (same interpreter, same arguments) with `malloc_tuning_env`'s environment.
 
   Does nothing where that does not apply, or in a process that already has the tunable (so it restarts at most
-  once). Call it first thing in a command's ``if __name__ == '__main__':`` block, before anything else has run:
+  once); if the restart itself fails, logs a warning and returns (the command runs with the default malloc). Call it first thing in a command's ``if __name__ == '__main__':`` block, before anything else has run:
   the process is replaced, and nothing after the call runs in the old one. Never call it from library code.
   """
   env = malloc_tuning_env()
-  if env is None or not getattr(sys, 'orig_argv', None):
+  if env is None or not sys.executable or not getattr(sys, 'orig_argv', None):
     return
   _log.debug('Restarting with GLIBC_TUNABLES=%s', env['GLIBC_TUNABLES'])
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  try:
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  except OSError as e:  # the command still runs, with the default malloc
+    _log.warning('Could not restart with GLIBC_TUNABLES=%s (%s); continuing without it.', env['GLIBC_TUNABLES'], e)

@@ -174,3 +174,18 @@ def test_restart_reexecutes_the_command_once_with_the_tunable(tmp_path):
   assert tuned_faults < plain_faults / 2, (tuned_faults, plain_faults)
   _, starts, rest = _restart(tmp_path, DDPM_JAX_CPU_TUNING='0')
   assert starts == 1 and rest.startswith(" ['a', '--b=c d']")
+
+
+def test_restart_that_fails_lets_the_command_run_on(monkeypatch, caplog):
+  monkeypatch.setattr(cpu_tuning, 'malloc_tuning_env', lambda: {'GLIBC_TUNABLES': cpu_tuning.MALLOC_TUNABLE})
+  calls = []
+
+  def execve(*args):
+    calls.append(args)
+    raise PermissionError('exec not allowed here')
+
+  monkeypatch.setattr(os, 'execve', execve)
+  with caplog.at_level('WARNING'):
+    cpu_tuning.restart_with_malloc_tuning()  # returns instead of raising
+  assert calls and calls[0][0] == sys.executable and calls[0][2] == {'GLIBC_TUNABLES': cpu_tuning.MALLOC_TUNABLE}
+  assert 'exec not allowed here' in caplog.text
