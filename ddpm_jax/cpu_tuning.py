@@ -1,4 +1,5 @@
-"""XLA:CPU settings that make the U-Net faster on a CPU, applied by the commands before JAX starts its backends.
+"""CPU settings that make the U-Net faster on a CPU, applied by the commands before JAX starts: an XLA:CPU flag
+(`tune_cpu`) and glibc's malloc with transparent huge pages (`restart_with_malloc_tuning`, under "Memory" below).
 
 XLA:CPU in jaxlib 0.10 hands matmuls, convolutions, element-wise ops and reductions to the YNNPACK library by
 default. For this U-Net that is slower than XLA's own kernels for the convolutions and their gradients, and faster
@@ -157,8 +158,9 @@ def restart_with_malloc_tuning() -> None:
   """Re-executes this Python process (same interpreter, same arguments) with `malloc_tuning_env`'s environment.
 
   Does nothing where that does not apply, or in a process that already has the tunable (so it restarts at most
-  once); if the restart itself fails, logs a warning and returns (the command runs with the default malloc). Call it first thing in a command's ``if __name__ == '__main__':`` block, before anything else has run:
-  the process is replaced, and nothing after the call runs in the old one. Never call it from library code.
+  once); if the restart itself fails, logs a warning and returns (the command runs with the default malloc).
+  Call it first thing in a command's ``if __name__ == '__main__':`` block, before anything else has run: the
+  process is replaced, and nothing after the call runs in the old one. Never call it from library code.
   """
   env = malloc_tuning_env()
   if env is None or not sys.executable or not getattr(sys, 'orig_argv', None):
