@@ -57,6 +57,11 @@ _log = logging.getLogger(__name__)
 _added: str | None = None  # the flag this process added to XLA_FLAGS, if any
 
 
+def _opted_out(environ: Mapping[str, str]) -> bool:
+  """Whether the user turned all of this module's settings off (``DDPM_JAX_CPU_TUNING=0``)."""
+  return environ.get('DDPM_JAX_CPU_TUNING', '1') == '0'
+
+
 def tune_cpu(workload: str) -> str | None:
   """Adds the XLA:CPU flag for ``workload`` ('train' or 'inference') to ``XLA_FLAGS``; returns it, or None.
 
@@ -65,7 +70,7 @@ def tune_cpu(workload: str) -> str | None:
   if workload not in PRESETS:
     raise ValueError(f'Unknown workload {workload!r}; choose one of {sorted(PRESETS)}.')
   flags = os.environ.get('XLA_FLAGS', '')
-  if FLAG in flags or os.environ.get('DDPM_JAX_CPU_TUNING', '1') == '0':
+  if FLAG in flags or _opted_out(os.environ):
     return None
   import jax  # pylint: disable=g-import-not-at-top
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
@@ -141,7 +146,7 @@ def malloc_tuning_env(environ: Mapping[str, str] | None = None, *, thp_mode: str
   """
   environ = dict(os.environ if environ is None else environ)
   tunables = environ.get('GLIBC_TUNABLES', '')
-  if environ.get('DDPM_JAX_CPU_TUNING', '1') == '0' or 'glibc.malloc.hugetlb' in tunables:
+  if _opted_out(environ) or 'glibc.malloc.hugetlb' in tunables:
     return None
   if not sys.platform.startswith('linux'):
     return None
