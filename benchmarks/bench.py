@@ -48,6 +48,7 @@ from jax import lax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ddpm_jax import cpu_tuning as cpu_tuning_lib
+from ddpm_jax import data_parallel
 from ddpm_jax import pretrained
 from ddpm_jax import sampling
 from ddpm_jax import schedule as schedule_lib
@@ -162,8 +163,8 @@ def make_multi_step(step_fn: Callable, k: int, devices: Sequence[Any] | None = N
   """
   def many(state, batches, key):
     return lax.scan(lambda s, b: step_fn(s, b, key), state, batches[0], length=k)
-  rep = train_lib.REPLICATED
-  return jax.jit(jax.shard_map(many, mesh=train_lib.make_mesh(devices), in_specs=(rep, train_lib.SPLIT, rep),
+  rep = data_parallel.REPLICATED
+  return jax.jit(jax.shard_map(many, mesh=data_parallel.make_mesh(devices), in_specs=(rep, data_parallel.SPLIT, rep),
                                out_specs=(rep, rep), check_vma=False), donate_argnums=(0,))
 
 
@@ -176,9 +177,9 @@ def bench_jax_train(model, *, batch: int, steps: int, k: int = 1) -> dict:
                 grad_clip=GRAD_CLIP)
   state = train_lib.init_state(model, tx, image_shape=IMAGE_SHAPE, key=jax.random.key(0))
   nparams = unet_lib.count_params(state.params)
-  state = train_lib.replicate(state, devices)
+  state = data_parallel.replicate(state, devices)
   rng = np.random.default_rng(0)
-  sharding = train_lib.device_sharding(devices)
+  sharding = data_parallel.device_sharding(devices)
   if k == 1:
     step = train_lib.make_p_train_step(devices=devices, **kwargs)
     shape = (1, batch) + IMAGE_SHAPE
@@ -234,7 +235,8 @@ def bench_jax_sample(model, params, *, batch: int, steps: int, repeats: int = 2)
 # PyTorch peer
 # ----------------------------------------------------------------------------------------------------------------
 
-def _torch_model(model, params):
+def torch_model(model, params):
+  """The peer's `UNet2DModel` with ``model``'s architecture and ``params`` (CPU; needs the reference extra)."""
   import torch
   from diffusers import UNet2DModel
   config = pretrained.diffusers_config(model, IMAGE_SHAPE[0])
@@ -254,7 +256,7 @@ def bench_torch(model, params, *, batch: int, train_steps: int, sample_steps: in
   cuda = torch.cuda.is_available()
   dev = torch.device('cuda' if cuda else 'cpu')
   sync = (lambda _: torch.cuda.synchronize()) if cuda else (lambda _: None)
-  net = _torch_model(model, params).to(dev)
+  net = torch_model(model, params).to(dev)
   nparams = sum(p.numel() for p in net.parameters())
   sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule='linear',
                         variance_type='fixed_large', clip_sample=True)

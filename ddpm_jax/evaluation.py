@@ -36,6 +36,7 @@ import scipy.linalg
 import scipy.special
 from tqdm.auto import tqdm
 
+from ddpm_jax import data_parallel
 from ddpm_jax import inception as inception_lib
 from ddpm_jax import input_pipeline
 
@@ -453,7 +454,7 @@ def bpd_over_dataset(model: Any, params: Any, schedule: Any, batches: Iterable[n
   The protocol of the paper's NLL: EMA parameters (pass them), no dropout, ``clip_denoised=True``, data
   scaled by u/127.5 − 1 without dequantization. Image i's noise comes from ``fold_in(key(seed), i)``, so
   the result does not depend on the batch size or the number of devices. Batches are split over local
-  devices with ``pmap`` (padded to a multiple of the device count; padding is not counted).
+  devices (`data_parallel.map_over_devices`; padded to a multiple of the device count; padding is not counted).
 
   Args:
     model: Linen module, called as ``model.apply({'params': p}, x, t, train=False)``.
@@ -469,7 +470,6 @@ def bpd_over_dataset(model: Any, params: Any, schedule: Any, batches: Iterable[n
   Returns:
     A :class:`BpdSummary`.
   """
-  import flax.jax_utils  # pylint: disable=g-import-not-at-top
   from ddpm_jax import diffusion  # pylint: disable=g-import-not-at-top
 
   devices = list(devices or jax.local_devices())
@@ -485,8 +485,8 @@ def bpd_over_dataset(model: Any, params: Any, schedule: Any, batches: Iterable[n
                                   mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
     return jax.tree.map(lambda a: a[0], res)
 
-  run = jax.pmap(jax.vmap(one, in_axes=(None, 0, 0)), in_axes=(0, 0, 0), devices=devices)
-  rparams = flax.jax_utils.replicate(params, devices)
+  run = data_parallel.map_over_devices(jax.vmap(one, in_axes=(None, 0, 0)), devices)
+  rparams = data_parallel.replicate(params, devices)
   count, total, prior = 0, 0.0, 0.0
   terms = mse = None
   bar = tqdm(total=num_images, unit='img', desc='bits/dim', disable=not progress)

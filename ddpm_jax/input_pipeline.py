@@ -368,7 +368,7 @@ def prefetch_to_device(iterator: Iterator[np.ndarray], size: int, sharding) -> I
   Args:
     iterator: yields this process's host arrays [num_local_devices, b, ...] (or dicts of them).
     size: batches in flight (0: no prefetch, arrays are placed on use).
-    sharding: a `jax.sharding.Sharding` over the leading axis (train_lib.device_sharding); with several
+    sharding: a `jax.sharding.Sharding` over the leading axis (data_parallel.device_sharding); with several
       processes the yielded global arrays are [num_devices, b, ...], each process holding its own rows.
   """
   import collections  # pylint: disable=g-import-not-at-top

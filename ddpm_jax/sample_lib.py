@@ -22,12 +22,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.jax_utils
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion, sampling
+from ddpm_jax import data_parallel, diffusion, sampling
 from ddpm_jax import schedule as sched_lib
 from ddpm_jax.input_pipeline import to_uint8
 
@@ -144,8 +142,8 @@ class BatchSampler:
       keys = jax.vmap(lambda i: jax.random.fold_in(self._root, i))(indices)
       return jax.vmap(sample_one, in_axes=(None, 0, 0))(params, keys, labels)
 
-    self._fn = jax.pmap(per_device, in_axes=(0, 0, 0), devices=self.devices)
-    self._params = flax.jax_utils.replicate(params, self.devices)
+    self._fn = data_parallel.map_over_devices(per_device, self.devices)
+    self._params = data_parallel.replicate(params, self.devices)
 
   def labels(self, indices: np.ndarray) -> np.ndarray | None:
     """The class of each global index (None for an unconditional model): ``class_label`` or index mod K."""
@@ -164,8 +162,7 @@ class BatchSampler:
     padded = np.concatenate([indices, np.full(per * n_dev - len(indices), indices[-1])])
     labels = self.labels(padded)
     labels = np.zeros(padded.shape, np.int32) if labels is None else labels
-    out = self._fn(self._params, jnp.asarray(padded.reshape(n_dev, per), jnp.uint32),
-                   jnp.asarray(labels.reshape(n_dev, per)))
+    out = self._fn(self._params, padded.reshape(n_dev, per).astype(np.uint32), labels.reshape(n_dev, per))
     out = np.asarray(out).reshape((-1,) + self.image_shape)[:len(indices)]
     return to_uint8(out)
 

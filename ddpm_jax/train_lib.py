@@ -36,16 +36,14 @@ from jax import lax
 from jax.experimental import multihost_utils
 
 from ddpm_jax import checkpoint as checkpoint_lib
+from ddpm_jax import data_parallel
 from ddpm_jax import diffusion
 from ddpm_jax import image_grid
 from ddpm_jax import input_pipeline
 from ddpm_jax import sampling
 from ddpm_jax import schedule as schedule_lib
+from ddpm_jax.data_parallel import AXIS, REPLICATED, SPLIT
 from ddpm_jax.models import unet as unet_lib
-
-AXIS = 'batch'
-SPLIT = jax.sharding.PartitionSpec(AXIS)  # split over the devices along the leading axis (batches)
-REPLICATED = jax.sharding.PartitionSpec()  # whole on every device (the train state)
 
 
 class ConfigError(ValueError):
@@ -385,41 +383,26 @@ def train_step(state: TrainState, batch: jax.Array, key: jax.Array, *, model: An
   return new_state, metrics
 
 
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """The 1-D data-parallel mesh (axis `AXIS`) the step and the sampler run on.
-
-  Args:
-    devices: the devices, in mesh order. Default: every device of every process, each process's devices
-      contiguous (the order `jax.pmap` uses), so that each host feeds the slice of the global batch that its
-      own devices hold.
-  """
-  if devices is None:
-    devices = [d for i in range(jax.process_count()) for d in jax.local_devices(process_index=i)]
-  if not len(devices):
-    raise ValueError('make_mesh needs at least one device; got an empty device list.')
-  return jax.sharding.Mesh(np.asarray(devices), (AXIS,))
-
-
 def make_p_train_step(devices=None, **step_kwargs) -> Callable:
-  """The one place the step is made data-parallel: `jax.jit` of `jax.shard_map` over `make_mesh(devices)`.
+  """The one place the step is made data-parallel: `jax.jit` of `jax.shard_map` over the devices' mesh.
 
-  The state is replicated (sharding ``P()``: every device holds the whole state, with no device axis; see
-  `replicate`) and donated, so XLA updates the parameters, the Adam moments and the EMA in place. With
-  `jax.pmap`, whose state carries a leading device axis, XLA copied every one of them each step (about 2 % of a
-  CPU training step, BENCHMARKS.md). The batch is split over the devices along its leading axis; the key is
-  the same on every device.
+  The mesh is `data_parallel.make_mesh(devices)`. The state is replicated (sharding ``P()``: every device holds
+  the whole state, with no device axis; see `data_parallel.replicate`) and donated, so XLA updates the
+  parameters, the Adam moments and the EMA in place. With `jax.pmap`, whose state carries a leading device axis,
+  XLA copied every one of them each step (about 2 % of a CPU training step, BENCHMARKS.md). The batch is split
+  over the devices along its leading axis; the key is the same on every device.
 
   Args:
-    devices: the devices to run on (default: all, see `make_mesh`).
+    devices: the devices to run on (default: all, see `data_parallel.make_mesh`).
     **step_kwargs: keyword arguments of `train_step` other than state/batch/key.
 
   Returns:
-    ``p_train_step(state, batch [D, b, H, W, C], key) -> (state, metrics)`` with ``state`` as `replicate` places
-    it and scalar metrics (the same on every device: loss and gradient are averaged over devices). ``batch`` is
-    a global array placed with `device_sharding` (or a host array, for one process); a class-conditional
-    model takes ``{'image': [D, b, H, W, C], 'label': [D, b]}``.
+    ``p_train_step(state, batch [D, b, H, W, C], key) -> (state, metrics)`` with ``state`` as
+    `data_parallel.replicate` places it and scalar metrics (the same on every device: loss and gradient are
+    averaged over devices). ``batch`` is a global array placed with `data_parallel.device_sharding` (or a host
+    array, for one process); a class-conditional model takes ``{'image': [D, b, H, W, C], 'label': [D, b]}``.
   """
-  mesh = make_mesh(devices)
+  mesh = data_parallel.make_mesh(devices)
   step = functools.partial(train_step, **step_kwargs)
 
   def per_device(state, batch, key):
@@ -437,9 +420,9 @@ def make_p_sample(model: Any, schedule: schedule_lib.Schedule, *, shape_per_devi
                   devices=None) -> Callable:
   """Data-parallel ancestral sampling: ``p_sample(params, key) -> [D, n, H, W, C]`` in [-1, 1].
 
-  ``params`` as `replicate` places them (the train state's ``ema_params``); device ``d`` draws its ``n`` images
-  from ``fold_in(key, d)``. A class-conditional model draws image ``i`` (global index ``d * n + j``) of class
-  ``i mod K``, with classifier-free guidance ``guidance_scale``.
+  ``params`` as `data_parallel.replicate` places them (the train state's ``ema_params``); device ``d`` draws its
+  ``n`` images from ``fold_in(key, d)``. A class-conditional model draws image ``i`` (global index ``d * n + j``)
+  of class ``i mod K``, with classifier-free guidance ``guidance_scale``.
   """
   num_classes = getattr(model, 'num_classes', 0)
 
@@ -460,29 +443,8 @@ def make_p_sample(model: Any, schedule: schedule_lib.Schedule, *, shape_per_devi
                                var_type=var_type, clip_denoised=clip_denoised)
     return x[None]
 
-  return jax.jit(jax.shard_map(sample, mesh=make_mesh(devices), in_specs=(REPLICATED, REPLICATED),
+  return jax.jit(jax.shard_map(sample, mesh=data_parallel.make_mesh(devices), in_specs=(REPLICATED, REPLICATED),
                                out_specs=SPLIT, check_vma=False))
-
-
-def device_sharding(devices=None) -> jax.sharding.NamedSharding:
-  """Batches ``[D, b, ...]`` split over the devices along the leading axis (what the step expects)."""
-  return jax.sharding.NamedSharding(make_mesh(devices), SPLIT)
-
-
-def replicate(tree: Any, devices=None) -> Any:
-  """Places a host pytree whole on every device (sharding ``P()``); leaves keep their shapes.
-
-  With several processes every process must pass the same values (they do: all start from the same seed or
-  restore the same checkpoint).
-  """
-  sharding = jax.sharding.NamedSharding(make_mesh(devices), REPLICATED)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
-
-
-def unreplicate(tree: Any) -> Any:
-  """A replicated pytree (from `replicate` or the step) as host numpy arrays: this process's first copy."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x),
-                      tree)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -633,7 +595,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         d.dataset, split=d.split, image_size=d.image_size, channels=d.channels, global_batch=o.batch_size,
         seed=data_seed, start_step=start_step, random_flip=d.random_flip, shuffle_buffer=d.shuffle_buffer,
         data_dir=d.data_dir, **common)
-  batches = input_pipeline.prefetch_to_device(batches, d.prefetch, device_sharding())
+  batches = input_pipeline.prefetch_to_device(batches, d.prefetch, data_parallel.device_sharding())
 
   p_train_step = make_p_train_step(
       model=model, schedule=schedule, tx=tx, lr_fn=warmup_lr(o.lr, o.warmup_steps),
@@ -662,7 +624,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info('Wrote EMA samples to %s', path)
     return path
 
-  rstate = replicate(state)
+  rstate = data_parallel.replicate(state)
   del state
   pending = []  # (step, device metrics) not yet checked for finiteness.
   window = []
@@ -691,7 +653,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def save(step_done):
     nonlocal last_saved
     flush()
-    ckpt.save(step_done, unreplicate(rstate))
+    ckpt.save(step_done, data_parallel.unreplicate(rstate))
     last_saved = step_done
 
   with _StopOnSignal() as stop:

@@ -16,6 +16,7 @@ if ROOT not in sys.path:
 
 from configs import digits_cond  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax import data_parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import image_grid  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import pretrained  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -181,8 +182,8 @@ def _step_once(model, batch, class_dropout, seed=0):
   step = train_lib.make_p_train_step(devices=devices, model=model, schedule=SCHED, tx=tx,
                                      lr_fn=train_lib.warmup_lr(1e-3, 0), ema_decay=0.9, class_dropout=class_dropout)
   batch = jax.tree.map(lambda a: a[None], batch)
-  new_state, metrics = step(train_lib.replicate(state, devices), batch, jax.random.key(1))
-  return train_lib.unreplicate(new_state), {k: float(v) for k, v in metrics.items()}
+  new_state, metrics = step(data_parallel.replicate(state, devices), batch, jax.random.key(1))
+  return data_parallel.unreplicate(new_state), {k: float(v) for k, v in metrics.items()}
 
 
 def test_train_step_with_labels_and_label_dropout():

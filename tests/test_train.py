@@ -17,6 +17,7 @@ if ROOT not in sys.path:
 
 from configs import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax import data_parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import schedule as schedule_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import train_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -46,14 +47,14 @@ def _run_steps(devices, steps=3, *, clip_groups=0, grad_clip=1.0, lr=1e-3, warmu
   p_step = train_lib.make_p_train_step(
       devices=devices, model=MODEL, schedule=SCHEDULE, tx=tx, lr_fn=train_lib.warmup_lr(lr, warmup), ema_decay=ema,
       grad_clip=grad_clip, groups_per_device=clip_groups // len(devices) if clip_groups else 0)
-  rstate = train_lib.replicate(state, devices)
+  rstate = data_parallel.replicate(state, devices)
   batches = input_pipeline.in_memory_batches(input_pipeline.load_digits(8), global_batch=batch, seed=0,
                                              num_local_devices=len(devices))
   metrics, states = [], [state]
   for _ in range(steps):
     rstate, m = p_step(rstate, next(batches), jax.random.key(1))
     metrics.append({k: np.asarray(v) for k, v in m.items()})
-    states.append(train_lib.unreplicate(rstate))
+    states.append(data_parallel.unreplicate(rstate))
   _RUNS[cache_key] = states, metrics
   return states, metrics
 
@@ -87,12 +88,12 @@ def test_step_keeps_replicas_identical_and_donates_the_state():
   tx = train_lib.make_optimizer(lr=1e-3, warmup_steps=2, grad_clip=1.0)
   p_step = train_lib.make_p_train_step(devices=devices, model=MODEL, schedule=SCHEDULE, tx=tx,
                                        lr_fn=train_lib.warmup_lr(1e-3, 2), ema_decay=0.9)
-  rstate = train_lib.replicate(train_lib.create_state(_params(), tx), devices)
+  rstate = data_parallel.replicate(train_lib.create_state(_params(), tx), devices)
   leaf = jax.tree.leaves(rstate.params)[0]
   assert leaf.shape == jax.tree.leaves(_params())[0].shape and leaf.sharding.is_fully_replicated
   batches = input_pipeline.in_memory_batches(input_pipeline.load_digits(8), global_batch=16, seed=0,
                                              num_local_devices=len(devices))
-  batch = jax.device_put(next(batches), train_lib.device_sharding(devices))
+  batch = jax.device_put(next(batches), data_parallel.device_sharding(devices))
   for _ in range(2):  # lr is 0 at step 0, so the second step is the one that changes the params.
     new_state, _ = p_step(rstate, batch, jax.random.key(1))
     assert leaf.is_deleted()  # Donated: XLA wrote the new state into the old buffers.
@@ -102,7 +103,7 @@ def test_step_keeps_replicas_identical_and_donates_the_state():
     assert len(copies) == len(devices)
     for c in copies[1:]:
       np.testing.assert_array_equal(c, copies[0])  # The devices agree exactly after pmean.
-  np.testing.assert_array_equal(train_lib.unreplicate(rstate).step, 2)
+  np.testing.assert_array_equal(data_parallel.unreplicate(rstate).step, 2)
 
 
 def test_warmup_ema_and_step_counter():
