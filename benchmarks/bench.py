@@ -235,8 +235,7 @@ def bench_jax_sample(model, params, *, batch: int, steps: int, repeats: int = 2)
 # PyTorch peer
 # ----------------------------------------------------------------------------------------------------------------
 
-def torch_model(model, params):
-  """The peer's `UNet2DModel` with ``model``'s architecture and ``params`` (CPU; needs the reference extra)."""
+def _torch_model(model, params):
   import torch
   from diffusers import UNet2DModel
   config = pretrained.diffusers_config(model, IMAGE_SHAPE[0])
@@ -256,7 +255,7 @@ def bench_torch(model, params, *, batch: int, train_steps: int, sample_steps: in
   cuda = torch.cuda.is_available()
   dev = torch.device('cuda' if cuda else 'cpu')
   sync = (lambda _: torch.cuda.synchronize()) if cuda else (lambda _: None)
-  net = torch_model(model, params).to(dev)
+  net = _torch_model(model, params).to(dev)
   nparams = sum(p.numel() for p in net.parameters())
   sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule='linear',
                         variance_type='fixed_large', clip_sample=True)

@@ -2,12 +2,20 @@
 
   python benchmarks/profile_layers.py --what layers --batch 16   # layers.py against the plain formulas (ms)
   python benchmarks/profile_layers.py --what convs --batch 32    # every 3x3 conv of the model, XLA against PyTorch
+  python benchmarks/profile_layers.py --what roofline --batch 32 # the forward pass against the machine's limits
+  python benchmarks/profile_layers.py --what roofline --batch 128 --dtype bfloat16   # the same on a GPU or TPU
 
 ``layers``: forward and forward + gradient of GroupNorm + swish, a ResBlock with a Dense shortcut and an attention
 block, built from `ddpm_jax.models.layers` and from the plain formulas (Flax GroupNorm/Dense, einsum attention).
 ``convs``: forward and input + weight gradient of each 3x3 convolution shape of the model, times how often it
 occurs, for XLA and for PyTorch (oneDNN, ``torch.ops.aten.convolution_backward``); needs the ``reference`` extra.
 The convs after an upsample run as the model runs them (`layers.upsample_conv3x3`) on the XLA side.
+``roofline``: the CIFAR-10 model's forward pass (what each sampling step runs) in FLOP/s, with XLA's count of
+the floating-point operations of the compiled program (taps in the zero padding not counted), against what the
+machine does at best: a large matrix product in XLA and in PyTorch, in the same ``--dtype`` (the PyTorch one
+needs torch; on a GPU host it runs on the GPU), and an element-wise pass over a large array (memory bandwidth).
+The comparison with the peer's whole model is bench.py's (a fresh PyTorch process runs the forward pass slower
+than one that has trained first, as bench.py's does).
 JAX runs with the XLA:CPU setting of `--cpu_tuning` (default: train.py's). Medians of ``--repeats`` calls.
 """
 
@@ -136,12 +144,64 @@ def bench_convs(batch: int, repeats: int) -> list[tuple]:
   return rows
 
 
+def bench_roofline(batch: int, repeats: int, *, model=None, dtype: str = 'float32', matmul_n: int = 4096,
+                   copy_mib: int = 256) -> list[tuple]:
+  """Rows ``(name, amount, unit, ms, rate)``: GFLOP and GFLOP/s for computations, GB and GB/s for the copy.
+
+  ``model``: a Linen module called as ``model.apply({'params': p}, x [B, 32, 32, 3], t [B], train=False)``
+  (default: the paper's CIFAR-10 U-Net computing in ``dtype``). The matrix products run in ``dtype`` too
+  ('bfloat16': the rate that matters on GPUs and TPUs). The PyTorch row needs torch and is left out without it.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from ddpm_jax.models import unet
+  model = model or unet.unet_cifar10(dtype=jnp.dtype(dtype))
+  x = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
+  t = jnp.full((batch,), 500, jnp.int32)
+  params = jax.jit(lambda k: model.init(k, x, t, train=False)['params'])(jax.random.key(1))
+  forward = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t, train=False)).lower(params, x, t).compile()
+  cost = forward.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  gflop = float(cost['flops']) / 1e9
+  a = jax.random.normal(jax.random.key(2), (matmul_n, matmul_n), jnp.dtype(dtype))
+  matmul = jax.jit(jnp.matmul)
+  big = jnp.ones((copy_mib * 2**20 // 4,), jnp.float32)
+  scale = jax.jit(lambda v: v * 1.5 + 1.0)
+  mm_gflop = 2 * matmul_n**3 / 1e9
+  gb = 2 * big.nbytes / 1e9  # read and write
+  rows = [('U-Net forward, XLA', gflop, 'GFLOP',
+           _median_ms(lambda: jax.block_until_ready(forward(params, x, t)), repeats)),
+          (f'matmul {matmul_n}x{matmul_n} {dtype}, XLA', mm_gflop, 'GFLOP',
+           _median_ms(lambda: jax.block_until_ready(matmul(a, a)), repeats)),
+          (f'v * 1.5 + 1 over {copy_mib} MiB, XLA', gb, 'GB',
+           _median_ms(lambda: jax.block_until_ready(scale(big)), repeats))]
+  try:
+    import torch
+  except ImportError:
+    torch = None
+  if torch is not None:
+    dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+    torch.set_num_threads(os.cpu_count() or 1)
+    ta = torch.from_numpy(np.array(a, np.float32)).to(dev, getattr(torch, dtype))
+
+    def peer_matmul():
+      torch.matmul(ta, ta)
+      sync()
+    rows.insert(2, (f'matmul {matmul_n}x{matmul_n} {dtype}, PyTorch', mm_gflop, 'GFLOP',
+                    _median_ms(peer_matmul, repeats)))
+  return [(name, amount, unit, ms, amount / ms * 1e3) for name, amount, unit, ms in rows]
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--what', choices=['layers', 'convs'], default='layers')
+  parser.add_argument('--what', choices=['layers', 'convs', 'roofline'], default='layers')
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--repeats', type=int, default=7)
   parser.add_argument('--cpu_tuning', choices=['train', 'inference', 'none'], default='train')
+  parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32',
+                      help='roofline only: compute dtype of the model and the matrix products')
   args = parser.parse_args(argv)
   if args.batch < 1 or args.repeats < 1:
     parser.error(f'--batch and --repeats must be >= 1, got {args.batch} and {args.repeats}.')
@@ -154,6 +214,10 @@ def main(argv=None):
     print('ms                                        | plain fwd | plain fwd+grad | layers.py fwd | layers.py fwd+grad')
     for name, pf, pg, mf, mg in bench_layers(args.batch, args.repeats):
       print(f'{name:42s}| {pf:9.1f} | {pg:14.1f} | {mf:13.1f} | {mg:18.1f}')
+  elif args.what == 'roofline':
+    print(f'{"":36s}| amount        |      ms | rate')
+    for name, amount, unit, ms, rate in bench_roofline(args.batch, args.repeats, dtype=args.dtype):
+      print(f'{name:36s}| {amount:7.2f} {unit:5s} | {ms:7.1f} | {rate:7.1f} {unit}/s')
   else:
     print('ms (x count)            | count | XLA fwd | XLA dx+dw | torch fwd | torch dx+dw')
     total = [0.0, 0.0, 0.0, 0.0]

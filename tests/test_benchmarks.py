@@ -170,6 +170,32 @@ def test_profile_convs_covers_the_model(monkeypatch):
   assert all(t > 0 for r in rows for t in r[2:])
 
 
+def test_profile_roofline_counts_the_forward_pass():
+  profile = _load_profile_layers()
+  import flax.linen as nn
+
+  class OneConv(nn.Module):  # a "model" whose FLOPs are known
+    @nn.compact
+    def __call__(self, x, t, train):
+      return nn.Conv(8, (3, 3))(x)
+
+  rows = {r[0]: r[1:] for r in profile.bench_roofline(2, 1, model=OneConv(), matmul_n=64, copy_mib=1)}
+  # 2 images, 3 -> 8 channels, a multiply and an add per tap that falls inside the 32x32 image (XLA does not
+  # count the zero padding: 94 = 32 * 3 - 2 valid taps along each axis), plus the bias.
+  flops = 2 * (2 * 94**2 * 3 * 8) + 2 * 32 * 32 * 8
+  assert rows['U-Net forward, XLA'][:2] == (flops / 1e9, 'GFLOP')
+  assert rows['matmul 64x64 float32, XLA'][:2] == (2 * 64**3 / 1e9, 'GFLOP')
+  assert rows['v * 1.5 + 1 over 1 MiB, XLA'][:2] == (2 * 2**20 / 1e9, 'GB')
+  for amount, _, ms, rate in rows.values():
+    assert ms > 0 and rate == pytest.approx(amount / ms * 1e3)
+  if HAVE_TORCH:
+    assert rows['matmul 64x64 float32, PyTorch'][:2] == (2 * 64**3 / 1e9, 'GFLOP')
+  assert len(rows) == 4 if HAVE_TORCH else 3
+  rows = {r[0]: r[1:] for r in profile.bench_roofline(1, 1, model=OneConv(), dtype='bfloat16', matmul_n=64,
+                                                      copy_mib=1)}
+  assert 'matmul 64x64 bfloat16, XLA' in rows and ('matmul 64x64 bfloat16, PyTorch' in rows) == HAVE_TORCH
+
+
 def test_profile_layers_rejects_bad_arguments():
   with pytest.raises(SystemExit):
     _load_profile_layers().main(['--batch', '0'])
