@@ -16,6 +16,12 @@ For the paper's CIFAR-10 U-Net (35,746,307 parameters) this measures, in one pro
   and peak memory (GPU: the allocator's peak; CPU: the process peak RSS during the phase minus the RSS at its
   start, from /proc/self/status VmHWM after resetting it through /proc/self/clear_refs).
 
+``--dtype bfloat16``: both sides keep float32 parameters, optimizer state and EMA and compute the network in
+bfloat16: JAX with the model's ``dtype``, the peer under ``torch.autocast(dtype=torch.bfloat16)`` (its result's
+notes say what dtype the peer's network output really had). With ``float32`` on a GPU each library uses its own
+default matmul/conv precision (JAX: ``--matmul_precision`` sets it; PyTorch: TF32 for cuDNN convolutions, not
+for matmuls).
+
 Every timing excludes warm-up, waits for the device (`block_until_ready` / `torch.cuda.synchronize`) and is the
 median of the timed repeats. Example (the CPU numbers in BENCHMARKS.md)::
 
@@ -246,8 +252,15 @@ def _torch_model(model, params):
   return net
 
 
-def bench_torch(model, params, *, batch: int, train_steps: int, sample_steps: int) -> dict:
-  """The peer: diffusers UNet2DModel with our architecture and weights."""
+def bench_torch(model, params, *, batch: int, train_steps: int, sample_steps: int,
+                dtype: str = 'float32') -> dict:
+  """The peer: diffusers UNet2DModel with our architecture and weights.
+
+  With ``dtype='bfloat16'`` its forward passes run under ``torch.autocast(..., dtype=torch.bfloat16)``: float32
+  parameters, optimizer and EMA, bfloat16 compute (PyTorch's mixed precision, as ddpm_jax's ``--dtype bfloat16``);
+  the loss and the sampler's update stay float32. ``compute_dtype`` in the result is the dtype the network's
+  output actually had.
+  """
   import torch
   from diffusers import DDPMScheduler
   torch.manual_seed(0)
@@ -255,6 +268,9 @@ def bench_torch(model, params, *, batch: int, train_steps: int, sample_steps: in
   cuda = torch.cuda.is_available()
   dev = torch.device('cuda' if cuda else 'cpu')
   sync = (lambda _: torch.cuda.synchronize()) if cuda else (lambda _: None)
+  if dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"bench_torch: dtype must be 'float32' or 'bfloat16', got {dtype!r}.")
+  amp = functools.partial(torch.autocast, dev.type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
   net = _torch_model(model, params).to(dev)
   nparams = sum(p.numel() for p in net.parameters())
   sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule='linear',
@@ -282,7 +298,10 @@ def bench_torch(model, params, *, batch: int, train_steps: int, sample_steps: in
       noise = torch.randn_like(x0)
       a = acp[t].view(-1, 1, 1, 1)
       x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-      loss = torch.nn.functional.mse_loss(net(x_t, t).sample, noise)
+      with amp():
+        pred = net(x_t, t).sample
+      out['compute_dtype'] = str(pred.dtype)
+      loss = torch.nn.functional.mse_loss(pred.float(), noise)
       opt.zero_grad(set_to_none=True)
       loss.backward()
       torch.nn.utils.clip_grad_norm_(net.parameters(), GRAD_CLIP)
@@ -311,8 +330,10 @@ def bench_torch(model, params, *, batch: int, train_steps: int, sample_steps: in
       with torch.inference_mode():
         for i, t in enumerate(sched.timesteps[:sample_steps + 1]):  # the first is warm-up
           t0 = time.perf_counter()
-          eps = net(x, t.to(dev)).sample
-          x = sched.step(eps, t, x, generator=gen).prev_sample
+          with amp():
+            eps = net(x, t.to(dev)).sample
+          out['compute_dtype'] = str(eps.dtype)
+          x = sched.step(eps.float(), t, x, generator=gen).prev_sample
           sync(x)
           times.append(time.perf_counter() - t0)
       return times
@@ -369,13 +390,13 @@ def run(*, batch: int = 32, train_steps: int = 3, sample_steps: int = 4, sample_
     results.append(r)
   if 'torch' in impls:
     import torch
-    th = bench_torch(model, params, batch=batch, train_steps=train_steps, sample_steps=sample_steps)
+    th = bench_torch(model, params, batch=batch, train_steps=train_steps, sample_steps=sample_steps, dtype=dtype)
     if th['params'] != nparams:
       raise AssertionError(f"torch peer has {th['params']} parameters, ddpm_jax {nparams}: not the same model")
     cuda = torch.cuda.is_available()
     r = Result('torch', torch.cuda.get_device_name() if cuda else platform.processor() or 'cpu', batch,
-               'float32', th['params'], peak_kind='torch.cuda.max_memory_allocated' if cuda else CpuPeak.kind,
-               notes=f'threads={torch.get_num_threads()}')
+               dtype, th['params'], peak_kind='torch.cuda.max_memory_allocated' if cuda else CpuPeak.kind,
+               notes=f"threads={torch.get_num_threads()} compute={th.get('compute_dtype')}")
     for f in MEASUREMENTS:
       setattr(r, f, th.get(f))
     results.append(r)
@@ -515,7 +536,8 @@ def main(argv=None):
   p.add_argument('--sample_steps', type=int, default=4,
                  help='reverse steps per timed sampling call, extrapolated to 1000; 0 skips')
   p.add_argument('--sample_repeats', type=int, default=2, help='timed JAX sampling calls (after one warm-up)')
-  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'), help='JAX compute dtype')
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                 help='compute dtype, parameters float32: JAX computes in it, the peer under torch.autocast')
   p.add_argument('--impl', default='jax,torch')
   p.add_argument('--remat', action='store_true')
   p.add_argument('--steps_per_call', type=int, default=1)

@@ -63,6 +63,19 @@ def test_run_and_json(tmp_path, capsys):
   assert set(FIELDS) <= set(data['results'][0])
 
 
+@pytest.mark.skipif(not HAVE_TORCH, reason='needs the reference extra (torch)')
+def test_peer_computes_in_the_requested_dtype():
+  import jax
+  model = bench.make_model(True)
+  params = bench.train_lib.init_params(model, image_shape=bench.IMAGE_SHAPE, key=jax.random.key(0))
+  for dtype, expected in (('float32', 'torch.float32'), ('bfloat16', 'torch.bfloat16')):
+    for phase in (dict(train_steps=1, sample_steps=0), dict(train_steps=0, sample_steps=1)):
+      out = bench.bench_torch(model, params, batch=2, dtype=dtype, **phase)
+      assert out['compute_dtype'] == expected, (dtype, phase)
+  with pytest.raises(ValueError, match="'float16'"):
+    bench.bench_torch(model, params, batch=2, train_steps=0, sample_steps=1, dtype='float16')
+
+
 def test_table_ratio_row():
   mk = lambda impl, tr, sm: bench.Result(impl, 'cpu', 32, 'float32', 10, train_img_s=tr, sample_img_steps_s=sm,
                                          sample_256x1000_s=256000 / sm)
