@@ -5,6 +5,7 @@ loss, the checkpoints, and the chief's sample grid (every host's images, gathere
 Cloud TPU pods and multi-node GPU clusters (`config.multihost`), which cannot be run here otherwise.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -79,3 +80,42 @@ def test_two_processes_train_like_one(tmp_path):
   grids = [np.asarray(Image.open(os.path.join(w, 'samples', 'step_00000004.png'))).astype(int) for w in (multi, single)]
   assert grids[0].shape == grids[1].shape  # all 8 images, not only the chief's own
   assert np.abs(grids[0] - grids[1]).max() <= 2
+
+
+# argv: process id, coordinator port. Each process maps over its own two devices with its own shared value.
+_LOCAL_WORKER = r'''
+import json, os, sys
+pid, port = int(sys.argv[1]), sys.argv[2]
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+import jax
+import numpy as np
+from ddpm_jax import data_parallel
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2, process_id=pid)
+devices = jax.local_devices()
+run = data_parallel.map_over_devices(lambda s, x: x * s['k'] + jax.lax.axis_index(data_parallel.AXIS), devices)
+out = run(data_parallel.replicate({'k': np.float32(pid + 2)}, devices), np.arange(6, dtype=np.float32).reshape(2, 3))
+print('RESULT', pid, jax.device_count(), json.dumps(np.asarray(out).ravel().tolist()), flush=True)
+'''
+
+
+def test_map_over_devices_runs_on_each_process_alone():
+  """What sample.py and the bits/dim evaluation do on a multi-process host: local devices only, no collectives."""
+  port = _free_port()
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)
+  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=ROOT)
+  procs = [subprocess.Popen([sys.executable, '-c', _LOCAL_WORKER, str(pid), str(port)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for pid in range(2)]
+  try:
+    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  x = np.arange(6, dtype=np.float32).reshape(2, 3)
+  for pid, (proc, out) in enumerate(zip(procs, outs)):
+    assert proc.returncode == 0, out[-3000:]
+    line = [l for l in out.splitlines() if l.startswith('RESULT ')][-1].split(' ', 3)
+    assert (int(line[1]), int(line[2])) == (pid, 4)  # 4 devices in all, 2 of them this process's
+    expected = x * (pid + 2) + np.arange(2)[:, None]  # local device d computes block d
+    np.testing.assert_allclose(json.loads(line[3]), expected.ravel())
