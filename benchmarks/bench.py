@@ -16,6 +16,11 @@ For the paper's CIFAR-10 U-Net (35,746,307 parameters) this measures, in one pro
   and peak memory (GPU: the allocator's peak; CPU: the process peak RSS during the phase minus the RSS at its
   start, from /proc/self/status VmHWM after resetting it through /proc/self/clear_refs).
 
+For JAX it also prints the FLOP rate its programs achieved (`Result.train_tflop_s` / `sample_tflop_s`): XLA's
+count of the operations of one train step (forward, backward, clipping, Adam, EMA) and of one forward pass per
+reverse step, from the lowered programs (taps in the zero padding not counted), times the measured throughput;
+set it against the device's peak to see how close to the hardware a run comes.
+
 ``--dtype bfloat16``: both sides keep float32 parameters, optimizer state and EMA and compute the network in
 bfloat16: JAX with the model's ``dtype``, the peer under ``torch.autocast(dtype=torch.bfloat16)`` (its result's
 notes say what dtype the peer's network output really had). With ``float32`` on a GPU each library uses its own
@@ -47,6 +52,7 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -84,13 +90,16 @@ class Result:
   sample_256x1000_s: float | None = None  # extrapolated from sample_steps timed steps
   sample_compile_s: float | None = None
   sample_peak_mb: float | None = None
+  # JAX only: the rate its programs achieved, with XLA's count of their floating-point operations.
+  train_tflop_s: float | None = None
+  sample_tflop_s: float | None = None
   peak_kind: str = ''
   notes: str = ''
 
 
 # The measured fields of `Result` (None where not measured).
 MEASUREMENTS = ('train_img_s', 'train_compile_s', 'train_peak_mb', 'sample_img_steps_s', 'sample_256x1000_s',
-                'sample_compile_s', 'sample_peak_mb')
+                'sample_compile_s', 'sample_peak_mb', 'train_tflop_s', 'sample_tflop_s')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,6 +183,17 @@ def make_multi_step(step_fn: Callable, k: int, devices: Sequence[Any] | None = N
                                out_specs=(rep, rep), check_vma=False), donate_argnums=(0,))
 
 
+def _gflop(lowered) -> float | None:
+  """XLA's count of a lowered program's floating-point operations, in GFLOP (None where XLA gives none).
+
+  From the lowered program, so nothing more is compiled. XLA counts a loop's body once, whatever its trip count.
+  """
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  flops = cost.get('flops') if isinstance(cost, dict) else None
+  return float(flops) / 1e9 if flops else None
+
+
 def bench_jax_train(model, *, batch: int, steps: int, k: int = 1) -> dict:
   """Times the project's train step (k per call) on the first local device."""
   devices = jax.local_devices()[:1]
@@ -208,8 +228,12 @@ def bench_jax_train(model, *, batch: int, steps: int, k: int = 1) -> dict:
   loss = float(np.asarray(holder['metrics']['loss']).ravel()[-1])
   if not np.isfinite(loss):
     raise FloatingPointError(f'non-finite loss {loss} in the JAX train step')
-  return dict(img_s=batch * k / med, compile_s=max(0.0, first - med), peak_mb=_jax_peak_mb() or mem.mb,
-              params=nparams, times=times)
+  # One step's operations (forward, backward, clipping, Adam, EMA), counted on the single-step program.
+  one_batch = jax.ShapeDtypeStruct((1, batch) + IMAGE_SHAPE, jnp.float32, sharding=sharding)
+  gflop = _gflop(train_lib.make_p_train_step(devices=devices, **kwargs).lower(holder['state'], one_batch, key))
+  img_s = batch * k / med
+  return dict(img_s=img_s, compile_s=max(0.0, first - med), peak_mb=_jax_peak_mb() or mem.mb,
+              params=nparams, times=times, tflop_s=gflop and gflop / batch * img_s / 1e3)
 
 
 def bench_jax_sample(model, params, *, batch: int, steps: int, repeats: int = 2) -> dict:
@@ -233,8 +257,12 @@ def bench_jax_sample(model, params, *, batch: int, steps: int, repeats: int = 2)
     first = _timed(lambda: run(params, key), sync)
     times = [_timed(lambda: run(params, key), sync) for _ in range(max(1, repeats))]
   med = statistics.median(times) / steps
+  # Each reverse step is one forward pass of the network plus a few element-wise operations on the images.
+  x, t = jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct((batch,), jnp.int32)
+  gflop = _gflop(jax.jit(lambda p, x, t: model.apply({'params': p}, x, t, train=False)).lower(params, x, t))
   return dict(img_steps_s=batch / med, s_256x1000=med * 1000 * 256 / batch,
-              compile_s=max(0.0, first - med * steps), peak_mb=_jax_peak_mb() or mem.mb, times=times)
+              compile_s=max(0.0, first - med * steps), peak_mb=_jax_peak_mb() or mem.mb, times=times,
+              tflop_s=gflop and gflop / med / 1e3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -383,10 +411,12 @@ def run(*, batch: int = 32, train_steps: int = 3, sample_steps: int = 4, sample_
     if train_steps:
       tr = bench_jax_train(model, batch=batch, steps=train_steps, k=steps_per_call)
       r.train_img_s, r.train_compile_s, r.train_peak_mb = tr['img_s'], tr['compile_s'], tr['peak_mb']
+      r.train_tflop_s = tr['tflop_s']
     if sample_steps:
       sm = bench_jax_sample(model, params, batch=batch, steps=sample_steps, repeats=sample_repeats)
       r.sample_img_steps_s, r.sample_256x1000_s = sm['img_steps_s'], sm['s_256x1000']
       r.sample_compile_s, r.sample_peak_mb = sm['compile_s'], sm['peak_mb']
+      r.sample_tflop_s = sm['tflop_s']
     results.append(r)
   if 'torch' in impls:
     import torch
@@ -430,6 +460,10 @@ def table(results: Sequence[Result]) -> str:
   out = [line(head), '-+-'.join('-' * w for w in widths)] + [line(r) for r in rows]
   kinds = sorted({r.peak_kind for r in results})
   out.append(f'peak memory: {"; ".join(kinds)}. s/256x1000 is extrapolated from the timed reverse steps.')
+  if 'jax' in by and (by['jax'].train_tflop_s or by['jax'].sample_tflop_s):
+    j = by['jax']
+    out.append(f'ddpm_jax achieved (XLA\'s count of its programs\' FLOPs): training {_fmt(j.train_tflop_s, ".3f")} '
+               f'TFLOP/s, sampling {_fmt(j.sample_tflop_s, ".3f")} TFLOP/s.')
   return '\n'.join(out)
 
 

@@ -51,8 +51,13 @@ def test_run_and_json(tmp_path, capsys):
     assert r.train_img_s > 0 and r.sample_img_steps_s > 0
     # 256 images x 1000 steps at the measured rate.
     assert r.sample_256x1000_s == pytest.approx(256 * 1000 / r.sample_img_steps_s, rel=1e-6)
+  # The FLOP rates (JAX only): XLA's count of the tiny model's programs times the measured throughput.
+  jr = results[0]
+  assert jr.train_tflop_s > 0 and jr.sample_tflop_s > 0
+  assert all(r.train_tflop_s is None for r in results[1:])
   text = capsys.readouterr().out
-  for word in ('train img/s', 'sample img-step/s', 's/256x1000', 'compile s', 'peak MiB', 'extrapolated'):
+  for word in ('train img/s', 'sample img-step/s', 's/256x1000', 'compile s', 'peak MiB', 'extrapolated',
+               'ddpm_jax achieved'):
     assert word in text
   if HAVE_TORCH:
     assert 'jax/torch' in text
@@ -74,6 +79,16 @@ def test_peer_computes_in_the_requested_dtype():
       assert out['compute_dtype'] == expected, (dtype, phase)
   with pytest.raises(ValueError, match="'float16'"):
     bench.bench_torch(model, params, batch=2, train_steps=0, sample_steps=1, dtype='float16')
+
+
+def test_flop_counts_are_the_programs():
+  """`_gflop` of a lowered program is XLA's count: exact for a matmul, and a scanned body is counted once."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+  assert bench._gflop(jax.jit(jnp.matmul).lower(a, a)) == 2 * 64**3 / 1e9
+  scan = lambda x: jax.lax.scan(lambda c, _: (c @ c, None), x, None, length=8)[0]
+  assert bench._gflop(jax.jit(scan).lower(a)) == pytest.approx(2 * 64**3 / 1e9, rel=1e-3)
 
 
 def test_table_ratio_row():
