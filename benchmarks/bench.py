@@ -183,12 +183,13 @@ def make_multi_step(step_fn: Callable, k: int, devices: Sequence[Any] | None = N
                                out_specs=(rep, rep), check_vma=False), donate_argnums=(0,))
 
 
-def _gflop(lowered) -> float | None:
-  """XLA's count of a lowered program's floating-point operations, in GFLOP (None where XLA gives none).
+def xla_gflop(program) -> float | None:
+  """XLA's count of a lowered or compiled program's floating-point operations, in GFLOP (None where XLA gives none).
 
-  From the lowered program, so nothing more is compiled. XLA counts a loop's body once, whatever its trip count.
+  A lowered program needs no compilation. XLA counts a loop's body once, whatever its trip count, and does not
+  count the taps of a convolution that fall in its zero padding.
   """
-  cost = lowered.cost_analysis()
+  cost = program.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
   flops = cost.get('flops') if isinstance(cost, dict) else None
   return float(flops) / 1e9 if flops else None
@@ -230,7 +231,7 @@ def bench_jax_train(model, *, batch: int, steps: int, k: int = 1) -> dict:
     raise FloatingPointError(f'non-finite loss {loss} in the JAX train step')
   # One step's operations (forward, backward, clipping, Adam, EMA), counted on the single-step program.
   one_batch = jax.ShapeDtypeStruct((1, batch) + IMAGE_SHAPE, jnp.float32, sharding=sharding)
-  gflop = _gflop(train_lib.make_p_train_step(devices=devices, **kwargs).lower(holder['state'], one_batch, key))
+  gflop = xla_gflop(train_lib.make_p_train_step(devices=devices, **kwargs).lower(holder['state'], one_batch, key))
   img_s = batch * k / med
   return dict(img_s=img_s, compile_s=max(0.0, first - med), peak_mb=_jax_peak_mb() or mem.mb,
               params=nparams, times=times, tflop_s=gflop and gflop / batch * img_s / 1e3)
@@ -259,7 +260,7 @@ def bench_jax_sample(model, params, *, batch: int, steps: int, repeats: int = 2)
   med = statistics.median(times) / steps
   # Each reverse step is one forward pass of the network plus a few element-wise operations on the images.
   x, t = jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct((batch,), jnp.int32)
-  gflop = _gflop(jax.jit(lambda p, x, t: model.apply({'params': p}, x, t, train=False)).lower(params, x, t))
+  gflop = xla_gflop(jax.jit(lambda p, x, t: model.apply({'params': p}, x, t, train=False)).lower(params, x, t))
   return dict(img_steps_s=batch / med, s_256x1000=med * 1000 * 256 / batch,
               compile_s=max(0.0, first - med * steps), peak_mb=_jax_peak_mb() or mem.mb, times=times,
               tflop_s=gflop and gflop / med / 1e3)

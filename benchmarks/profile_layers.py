@@ -155,15 +155,14 @@ def bench_roofline(batch: int, repeats: int, *, model=None, dtype: str = 'float3
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from benchmarks import bench
   from ddpm_jax.models import unet
   model = model or unet.unet_cifar10(dtype=jnp.dtype(dtype))
   x = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
   t = jnp.full((batch,), 500, jnp.int32)
   params = jax.jit(lambda k: model.init(k, x, t, train=False)['params'])(jax.random.key(1))
   forward = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t, train=False)).lower(params, x, t).compile()
-  cost = forward.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  gflop = float(cost['flops']) / 1e9
+  gflop = bench.xla_gflop(forward)
   a = jax.random.normal(jax.random.key(2), (matmul_n, matmul_n), jnp.dtype(dtype))
   matmul = jax.jit(jnp.matmul)
   big = jnp.ones((copy_mib * 2**20 // 4,), jnp.float32)
