@@ -26,22 +26,28 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (its EMA param
 _PRETRAINED = flags.DEFINE_string('pretrained', None, 'Released model instead of --workdir (see sample.py).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step of --workdir (default newest).')
 _IMAGE = flags.DEFINE_string('image', None, 'A PNG/JPEG to edit (center-cropped and resized to the model).')
-_DATASET = flags.DEFINE_string('dataset', None, 'Edit the first --num_images of a dataset instead (digits, cifar10, '
-                               'folder, ...).')
+_DATASET = flags.DEFINE_string(
+  'dataset', None, 'Edit the first --num_images of a dataset instead (digits, cifar10, folder, ...).'
+)
 _SPLIT = flags.DEFINE_string('split', 'test', 'Split of --dataset.')
 _FOLDER = flags.DEFINE_string('folder', '', 'Image folder for --dataset folder.')
 _DATA_DIR = flags.DEFINE_string('data_dir', '', 'tfds data_dir.')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 8, 'Images of --dataset to edit.')
-_MASK = flags.DEFINE_string('mask', None, f'[inpaint] Region to regenerate: one of {editing.MASK_PRESETS} or a '
-                            'PNG whose white pixels mark it.')
+_MASK = flags.DEFINE_string(
+  'mask', None, f'[inpaint] Region to regenerate: one of {editing.MASK_PRESETS} or a PNG whose white pixels mark it.'
+)
 _JUMP_LENGTH = flags.DEFINE_integer('jump_length', 1, '[inpaint] Forward steps per resampling jump (RePaint: 10).')
-_JUMP_N_SAMPLE = flags.DEFINE_integer('jump_n_sample', 1, '[inpaint] Passes over each resampled stretch (RePaint: '
-                                      '10; 1 = no resampling, T network calls).')
+_JUMP_N_SAMPLE = flags.DEFINE_integer(
+  'jump_n_sample', 1, '[inpaint] Passes over each resampled stretch (RePaint: 10; 1 = no resampling, T network calls).'
+)
 _T_START = flags.DEFINE_integer('t_start', None, '[sdedit] Code timestep to noise to, 0..T-1 (paper time t+1).')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 4, 'Results per input image.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed.')
-_CLASS = flags.DEFINE_integer('class_label', None, 'Class-conditional models: the class to steer towards (default: '
-                              'the null class, i.e. unconditional).')
+_CLASS = flags.DEFINE_integer(
+  'class_label',
+  None,
+  'Class-conditional models: the class to steer towards (default: the null class, i.e. unconditional).',
+)
 _GUIDANCE = flags.DEFINE_float('guidance_scale', 0.0, 'Class-conditional models: classifier-free guidance w.')
 _OUT = flags.DEFINE_string('out', None, 'Output folder.')
 flags.mark_flags_as_required(['mode', 'out'])
@@ -52,13 +58,31 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cpu_tuning.tune_cpu('inference')  # faster XLA:CPU kernels for sampling; no effect on GPU/TPU
   loaded = sample_lib.load_model(workdir=_WORKDIR.value, pretrained=_PRETRAINED.value, step=_STEP.value)
-  images, source = editing.load_images(image=_IMAGE.value, dataset=_DATASET.value, image_size=loaded.image_size,
-                                       channels=loaded.in_channels, num_images=_NUM_IMAGES.value,
-                                       split=_SPLIT.value, folder=_FOLDER.value, data_dir=_DATA_DIR.value)
-  summary = editing.run(mode=_MODE.value, out_dir=_OUT.value, images=images, loaded=loaded, mask=_MASK.value,
-                        jump_length=_JUMP_LENGTH.value, jump_n_sample=_JUMP_N_SAMPLE.value, t_start=_T_START.value,
-                        num_samples=_NUM_SAMPLES.value, seed=_SEED.value, class_label=_CLASS.value,
-                        guidance_scale=_GUIDANCE.value, source_name=source)
+  images, source = editing.load_images(
+    image=_IMAGE.value,
+    dataset=_DATASET.value,
+    image_size=loaded.image_size,
+    channels=loaded.in_channels,
+    num_images=_NUM_IMAGES.value,
+    split=_SPLIT.value,
+    folder=_FOLDER.value,
+    data_dir=_DATA_DIR.value,
+  )
+  summary = editing.run(
+    mode=_MODE.value,
+    out_dir=_OUT.value,
+    images=images,
+    loaded=loaded,
+    mask=_MASK.value,
+    jump_length=_JUMP_LENGTH.value,
+    jump_n_sample=_JUMP_N_SAMPLE.value,
+    t_start=_T_START.value,
+    num_samples=_NUM_SAMPLES.value,
+    seed=_SEED.value,
+    class_label=_CLASS.value,
+    guidance_scale=_GUIDANCE.value,
+    source_name=source,
+  )
   print(json.dumps(summary, indent=2))
 
 

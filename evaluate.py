@@ -19,12 +19,19 @@ from absl import app, flags
 
 from ddpm_jax import cpu_tuning, evaluation
 
-_METRIC = flags.DEFINE_enum('metric', 'fid', ['fid', 'bpd', 'class_accuracy'],
-                            'fid: FID + IS of samples; bpd: bits/dim of data; class_accuracy: class-conditional '
-                            'digits scored by a classifier.')
+_METRIC = flags.DEFINE_enum(
+  'metric',
+  'fid',
+  ['fid', 'bpd', 'class_accuracy'],
+  'fid: FID + IS of samples; bpd: bits/dim of data; class_accuracy: class-conditional digits scored by a classifier.',
+)
 _SAMPLES = flags.DEFINE_string('samples', None, '[fid] sample.py output folder.')
-_WEIGHTS = flags.DEFINE_string('inception_weights', None, "[fid] FID Inception weights (.npz or pytorch-fid's .pth; "
-                               'default: download pt_inception-2015-12-05-6726825d.pth once into the cache).')
+_WEIGHTS = flags.DEFINE_string(
+  'inception_weights',
+  None,
+  "[fid] FID Inception weights (.npz or pytorch-fid's .pth; "
+  'default: download pt_inception-2015-12-05-6726825d.pth once into the cache).',
+)
 _REF_STATS = flags.DEFINE_string('ref_stats', None, '[fid] Reference statistics .npz (computed if missing).')
 _REF_DATASET = flags.DEFINE_string('ref_dataset', 'cifar10', '[fid] tfds dataset of the reference images.')
 _REF_SPLIT = flags.DEFINE_string('ref_split', 'train', '[fid] Split of the reference images (paper: train).')
@@ -54,10 +61,16 @@ def main(argv):
     missing = [n for n, f in (('--samples', _SAMPLES), ('--ref_stats', _REF_STATS)) if not f.value]
     if missing:
       raise app.UsageError(f'--metric fid needs {", ".join(missing)}.')
-    result = evaluation.run_fid(samples_dir=_SAMPLES.value, inception_weights=_WEIGHTS.value,
-                                ref_stats=_REF_STATS.value, ref_dataset=_REF_DATASET.value,
-                                ref_split=_REF_SPLIT.value, ref_folder=_REF_FOLDER.value, data_dir=_DATA_DIR.value,
-                                batch_size=_BATCH_SIZE.value)
+    result = evaluation.run_fid(
+      samples_dir=_SAMPLES.value,
+      inception_weights=_WEIGHTS.value,
+      ref_stats=_REF_STATS.value,
+      ref_dataset=_REF_DATASET.value,
+      ref_split=_REF_SPLIT.value,
+      ref_folder=_REF_FOLDER.value,
+      data_dir=_DATA_DIR.value,
+      batch_size=_BATCH_SIZE.value,
+    )
     out = _OUT.value or os.path.join(_SAMPLES.value, 'fid.json')
   elif _METRIC.value == 'class_accuracy':
     if not _WORKDIR.value:
@@ -66,18 +79,34 @@ def main(argv):
       scales = [float(w) for w in _SCALES.value]
     except ValueError as e:
       raise app.UsageError(f'--guidance_scales must be numbers, got {_SCALES.value}') from e
-    result = evaluation.run_class_accuracy(workdir=_WORKDIR.value, guidance_scales=scales,
-                                           num_samples=_NUM_SAMPLES.value, sampler=_SAMPLER.value,
-                                           steps=_STEPS.value, seed=_SEED.value, step=_STEP.value)
+    result = evaluation.run_class_accuracy(
+      workdir=_WORKDIR.value,
+      guidance_scales=scales,
+      num_samples=_NUM_SAMPLES.value,
+      sampler=_SAMPLER.value,
+      steps=_STEPS.value,
+      seed=_SEED.value,
+      step=_STEP.value,
+    )
     out = _OUT.value or os.path.join(_WORKDIR.value, 'class_accuracy.json')
     for r in result['results']:
-      print(f"guidance_scale {r['guidance_scale']:g}: accuracy {r['accuracy']:.3f}")
+      print(f'guidance_scale {r["guidance_scale"]:g}: accuracy {r["accuracy"]:.3f}')
   else:
-    result = evaluation.run_bpd(workdir=_WORKDIR.value, pretrained=_PRETRAINED.value, step=_STEP.value,
-                                dataset=_DATASET.value, split=_SPLIT.value, folder=_FOLDER.value,
-                                data_dir=_DATA_DIR.value, batch_size=_BATCH_SIZE.value,
-                                num_images=_NUM_IMAGES.value, seed=_SEED.value)
-    out = _OUT.value or os.path.join(_WORKDIR.value or '.', f'bpd_{_DATASET.value.replace("/", "_")}_{_SPLIT.value}.json')
+    result = evaluation.run_bpd(
+      workdir=_WORKDIR.value,
+      pretrained=_PRETRAINED.value,
+      step=_STEP.value,
+      dataset=_DATASET.value,
+      split=_SPLIT.value,
+      folder=_FOLDER.value,
+      data_dir=_DATA_DIR.value,
+      batch_size=_BATCH_SIZE.value,
+      num_images=_NUM_IMAGES.value,
+      seed=_SEED.value,
+    )
+    out = _OUT.value or os.path.join(
+      _WORKDIR.value or '.', f'bpd_{_DATASET.value.replace("/", "_")}_{_SPLIT.value}.json'
+    )
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, 'w') as f:
     json.dump(result, f, indent=2)

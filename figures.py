@@ -40,14 +40,31 @@ def main(argv):
   cpu_tuning.tune_cpu('inference')  # faster XLA:CPU kernels for sampling; no effect on GPU/TPU
   loaded = sample_lib.load_model(workdir=_WORKDIR.value, pretrained=_PRETRAINED.value, step=_STEP.value)
   if _FIGURE.value != 'progressive':
-    images = next(input_pipeline.eval_images(
-        _DATASET.value, split=_SPLIT.value, image_size=loaded.image_size, channels=loaded.in_channels,
-        batch_size=_NUM_IMAGES.value, folder=_FOLDER.value, data_dir=_DATA_DIR.value, num_images=_NUM_IMAGES.value))
+    images = next(
+      input_pipeline.eval_images(
+        _DATASET.value,
+        split=_SPLIT.value,
+        image_size=loaded.image_size,
+        channels=loaded.in_channels,
+        batch_size=_NUM_IMAGES.value,
+        folder=_FOLDER.value,
+        data_dir=_DATA_DIR.value,
+        num_images=_NUM_IMAGES.value,
+      )
+    )
   else:  # progressive generation starts from noise; no real images needed
     images = np.zeros((_NUM_IMAGES.value, loaded.image_size, loaded.image_size, loaded.in_channels), np.uint8)
-  info = figures.make_figure(_FIGURE.value, model=loaded.model, params=loaded.params, schedule=loaded.schedule,
-                             images=images, out=_OUT.value, key=jax.random.key(_SEED.value),
-                             sample_kwargs=loaded.sample_kwargs(), num_images=_NUM_IMAGES.value)
+  info = figures.make_figure(
+    _FIGURE.value,
+    model=loaded.model,
+    params=loaded.params,
+    schedule=loaded.schedule,
+    images=images,
+    out=_OUT.value,
+    key=jax.random.key(_SEED.value),
+    sample_kwargs=loaded.sample_kwargs(),
+    num_images=_NUM_IMAGES.value,
+  )
   print(json.dumps(info, indent=2))
 
 

@@ -13,8 +13,9 @@ from ml_collections import config_flags
 from ddpm_jax import cpu_tuning  # standard library only: loads nothing heavy
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file('config', os.path.join(_HERE, 'configs', 'digits.py'),
-                                'Training config file (configs/*.py).', lock_config=True)
+config_flags.DEFINE_config_file(
+  'config', os.path.join(_HERE, 'configs', 'digits.py'), 'Training config file (configs/*.py).', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (default: runs/<config file name>).')
 
 
@@ -25,6 +26,7 @@ def main(argv):
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   cpu_tuning.tune_cpu('train')  # faster XLA:CPU kernels for training; no effect on GPU/TPU
   from ddpm_jax import train_lib  # pylint: disable=g-import-not-at-top
+
   workdir = _WORKDIR.value
   if workdir is None:
     name = os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0]

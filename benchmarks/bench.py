@@ -78,6 +78,7 @@ TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_
 @dataclasses.dataclass
 class Result:
   """One implementation's measurements (None where not measured)."""
+
   impl: str
   device: str
   batch: int
@@ -98,13 +99,23 @@ class Result:
 
 
 # The measured fields of `Result` (None where not measured).
-MEASUREMENTS = ('train_img_s', 'train_compile_s', 'train_peak_mb', 'sample_img_steps_s', 'sample_256x1000_s',
-                'sample_compile_s', 'sample_peak_mb', 'train_tflop_s', 'sample_tflop_s')
+MEASUREMENTS = (
+  'train_img_s',
+  'train_compile_s',
+  'train_peak_mb',
+  'sample_img_steps_s',
+  'sample_256x1000_s',
+  'sample_compile_s',
+  'sample_peak_mb',
+  'train_tflop_s',
+  'sample_tflop_s',
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Memory
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def _rss_mb(field: str) -> float | None:
   try:
@@ -147,6 +158,7 @@ def _jax_peak_mb() -> float | None:
 # Timing helpers
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _timed(fn: Callable[[], Any], sync: Callable[[Any], Any]) -> float:
   t0 = time.perf_counter()
   sync(fn())
@@ -156,6 +168,7 @@ def _timed(fn: Callable[[], Any], sync: Callable[[Any], Any]) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # JAX
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def make_model(tiny: bool, *, dtype: str = 'float32', remat: bool = False, dropout: float = 0.1):
   if tiny:
@@ -176,11 +189,21 @@ def make_multi_step(step_fn: Callable, k: int, devices: Sequence[Any] | None = N
   Returns:
     ``multi_step(state, batches [D, k, b, H, W, C], key) -> (state, metrics [k])``.
   """
+
   def many(state, batches, key):
     return lax.scan(lambda s, b: step_fn(s, b, key), state, batches[0], length=k)
+
   rep = data_parallel.REPLICATED
-  return jax.jit(jax.shard_map(many, mesh=data_parallel.make_mesh(devices), in_specs=(rep, data_parallel.SPLIT, rep),
-                               out_specs=(rep, rep), check_vma=False), donate_argnums=(0,))
+  return jax.jit(
+    jax.shard_map(
+      many,
+      mesh=data_parallel.make_mesh(devices),
+      in_specs=(rep, data_parallel.SPLIT, rep),
+      out_specs=(rep, rep),
+      check_vma=False,
+    ),
+    donate_argnums=(0,),
+  )
 
 
 def xla_gflop(program) -> float | None:
@@ -200,8 +223,9 @@ def bench_jax_train(model, *, batch: int, steps: int, k: int = 1) -> dict:
   devices = jax.local_devices()[:1]
   schedule = schedule_lib.get_schedule('linear')
   tx = train_lib.make_optimizer(lr=LR, warmup_steps=5000, grad_clip=GRAD_CLIP)
-  kwargs = dict(model=model, schedule=schedule, tx=tx, lr_fn=train_lib.warmup_lr(LR, 5000), ema_decay=EMA_DECAY,
-                grad_clip=GRAD_CLIP)
+  kwargs = dict(
+    model=model, schedule=schedule, tx=tx, lr_fn=train_lib.warmup_lr(LR, 5000), ema_decay=EMA_DECAY, grad_clip=GRAD_CLIP
+  )
   state = train_lib.init_state(model, tx, image_shape=IMAGE_SHAPE, key=jax.random.key(0))
   nparams = unet_lib.count_params(state.params)
   state = data_parallel.replicate(state, devices)
@@ -233,8 +257,14 @@ def bench_jax_train(model, *, batch: int, steps: int, k: int = 1) -> dict:
   one_batch = jax.ShapeDtypeStruct((1, batch) + IMAGE_SHAPE, jnp.float32, sharding=sharding)
   gflop = xla_gflop(train_lib.make_p_train_step(devices=devices, **kwargs).lower(holder['state'], one_batch, key))
   img_s = batch * k / med
-  return dict(img_s=img_s, compile_s=max(0.0, first - med), peak_mb=_jax_peak_mb() or mem.mb,
-              params=nparams, times=times, tflop_s=gflop and gflop / batch * img_s / 1e3)
+  return dict(
+    img_s=img_s,
+    compile_s=max(0.0, first - med),
+    peak_mb=_jax_peak_mb() or mem.mb,
+    params=nparams,
+    times=times,
+    tflop_s=gflop and gflop / batch * img_s / 1e3,
+  )
 
 
 def bench_jax_sample(model, params, *, batch: int, steps: int, repeats: int = 2) -> dict:
@@ -246,10 +276,20 @@ def bench_jax_sample(model, params, *, batch: int, steps: int, repeats: int = 2)
   def run(params, key):
     def denoise_fn(x_t, t):
       return model.apply({'params': params}, x_t, t, train=False)
+
     x_init = jax.random.normal(jax.random.fold_in(key, 1), shape)
     # start_t = steps - 1 runs exactly `steps` network evaluations; their cost does not depend on t.
-    return sampling.p_sample_loop(schedule, denoise_fn, shape, key, mean_type='eps', var_type='fixedlarge',
-                                  clip_denoised=True, x_init=x_init, start_t=steps - 1)
+    return sampling.p_sample_loop(
+      schedule,
+      denoise_fn,
+      shape,
+      key,
+      mean_type='eps',
+      var_type='fixedlarge',
+      clip_denoised=True,
+      x_init=x_init,
+      start_t=steps - 1,
+    )
 
   params = jax.device_put(params)
   key = jax.random.key(2)
@@ -261,18 +301,25 @@ def bench_jax_sample(model, params, *, batch: int, steps: int, repeats: int = 2)
   # Each reverse step is one forward pass of the network plus a few element-wise operations on the images.
   x, t = jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct((batch,), jnp.int32)
   gflop = xla_gflop(jax.jit(lambda p, x, t: model.apply({'params': p}, x, t, train=False)).lower(params, x, t))
-  return dict(img_steps_s=batch / med, s_256x1000=med * 1000 * 256 / batch,
-              compile_s=max(0.0, first - med * steps), peak_mb=_jax_peak_mb() or mem.mb, times=times,
-              tflop_s=gflop and gflop / med / 1e3)
+  return dict(
+    img_steps_s=batch / med,
+    s_256x1000=med * 1000 * 256 / batch,
+    compile_s=max(0.0, first - med * steps),
+    peak_mb=_jax_peak_mb() or mem.mb,
+    times=times,
+    tflop_s=gflop and gflop / med / 1e3,
+  )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # PyTorch peer
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _torch_model(model, params):
   import torch
   from diffusers import UNet2DModel
+
   config = pretrained.diffusers_config(model, IMAGE_SHAPE[0])
   config = {k: v for k, v in config.items() if not k.startswith('_')}
   net = UNet2DModel(**config)
@@ -281,8 +328,7 @@ def _torch_model(model, params):
   return net
 
 
-def bench_torch(model, params, *, batch: int, train_steps: int, sample_steps: int,
-                dtype: str = 'float32') -> dict:
+def bench_torch(model, params, *, batch: int, train_steps: int, sample_steps: int, dtype: str = 'float32') -> dict:
   """The peer: diffusers UNet2DModel with our architecture and weights.
 
   With ``dtype='bfloat16'`` its forward passes run under ``torch.autocast(..., dtype=torch.bfloat16)``: float32
@@ -292,6 +338,7 @@ def bench_torch(model, params, *, batch: int, train_steps: int, sample_steps: in
   """
   import torch
   from diffusers import DDPMScheduler
+
   torch.manual_seed(0)
   torch.set_num_threads(os.cpu_count() or 1)
   cuda = torch.cuda.is_available()
@@ -302,8 +349,14 @@ def bench_torch(model, params, *, batch: int, train_steps: int, sample_steps: in
   amp = functools.partial(torch.autocast, dev.type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
   net = _torch_model(model, params).to(dev)
   nparams = sum(p.numel() for p in net.parameters())
-  sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule='linear',
-                        variance_type='fixed_large', clip_sample=True)
+  sched = DDPMScheduler(
+    num_train_timesteps=1000,
+    beta_start=1e-4,
+    beta_end=0.02,
+    beta_schedule='linear',
+    variance_type='fixed_large',
+    clip_sample=True,
+  )
   out = dict(params=nparams)
 
   def peak(fn):
@@ -342,10 +395,10 @@ def bench_torch(model, params, *, batch: int, train_steps: int, sample_steps: in
     def run():
       first = _timed(step, sync)
       return first, [_timed(step, sync) for _ in range(max(1, train_steps))]
+
     (first, times), mb = peak(run)
     med = statistics.median(times)
-    out.update(train_img_s=batch / med, train_compile_s=max(0.0, first - med), train_peak_mb=mb,
-               train_times=times)
+    out.update(train_img_s=batch / med, train_compile_s=max(0.0, first - med), train_peak_mb=mb, train_times=times)
     del opt, ema
 
   if sample_steps:
@@ -357,7 +410,7 @@ def bench_torch(model, params, *, batch: int, train_steps: int, sample_steps: in
       x = torch.randn((batch, 3) + IMAGE_SHAPE[:2], generator=gen, device=dev)
       times = []
       with torch.inference_mode():
-        for i, t in enumerate(sched.timesteps[:sample_steps + 1]):  # the first is warm-up
+        for i, t in enumerate(sched.timesteps[: sample_steps + 1]):  # the first is warm-up
           t0 = time.perf_counter()
           with amp():
             eps = net(x, t.to(dev)).sample
@@ -366,10 +419,16 @@ def bench_torch(model, params, *, batch: int, train_steps: int, sample_steps: in
           sync(x)
           times.append(time.perf_counter() - t0)
       return times
+
     times, mb = peak(run)
     med = statistics.median(times[1:])
-    out.update(sample_img_steps_s=batch / med, sample_256x1000_s=med * 1000 * 256 / batch,
-               sample_compile_s=max(0.0, times[0] - med), sample_peak_mb=mb, sample_times=times[1:])
+    out.update(
+      sample_img_steps_s=batch / med,
+      sample_256x1000_s=med * 1000 * 256 / batch,
+      sample_compile_s=max(0.0, times[0] - med),
+      sample_peak_mb=mb,
+      sample_times=times[1:],
+    )
   return out
 
 
@@ -377,28 +436,46 @@ def bench_torch(model, params, *, batch: int, train_steps: int, sample_steps: in
 # Driver
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def environment() -> dict:
-  info = dict(python=platform.python_version(), jax=jax.__version__, backend=jax.default_backend(),
-              device=str(jax.local_devices()[0].device_kind), cpu_count=os.cpu_count(),
-              xla_flags=os.environ.get('XLA_FLAGS', ''), glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''),
-              matmul_precision=str(jax.config.jax_default_matmul_precision))
+  info = dict(
+    python=platform.python_version(),
+    jax=jax.__version__,
+    backend=jax.default_backend(),
+    device=str(jax.local_devices()[0].device_kind),
+    cpu_count=os.cpu_count(),
+    xla_flags=os.environ.get('XLA_FLAGS', ''),
+    glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''),
+    matmul_precision=str(jax.config.jax_default_matmul_precision),
+  )
   try:
     import flax
+
     info['flax'] = flax.__version__
   except ImportError:
     pass
   try:
     import torch
     import diffusers
+
     info.update(torch=torch.__version__, diffusers=diffusers.__version__, torch_threads=torch.get_num_threads())
   except ImportError:
     pass
   return info
 
 
-def run(*, batch: int = 32, train_steps: int = 3, sample_steps: int = 4, sample_repeats: int = 2,
-        dtype: str = 'float32', impls: Sequence[str] = ('jax', 'torch'), remat: bool = False,
-        steps_per_call: int = 1, tiny: bool = False) -> list[Result]:
+def run(
+  *,
+  batch: int = 32,
+  train_steps: int = 3,
+  sample_steps: int = 4,
+  sample_repeats: int = 2,
+  dtype: str = 'float32',
+  impls: Sequence[str] = ('jax', 'torch'),
+  remat: bool = False,
+  steps_per_call: int = 1,
+  tiny: bool = False,
+) -> list[Result]:
   """Runs the benchmark; returns one `Result` per implementation (JAX first)."""
   results = []
   model = make_model(tiny, dtype=dtype, remat=remat)
@@ -406,9 +483,15 @@ def run(*, batch: int = 32, train_steps: int = 3, sample_steps: int = 4, sample_
   nparams = unet_lib.count_params(params)
   on_gpu = jax.default_backend() != 'cpu'
   if 'jax' in impls:
-    r = Result('jax', jax.local_devices()[0].device_kind, batch, dtype, nparams,
-               peak_kind='device peak_bytes_in_use' if on_gpu else CpuPeak.kind,
-               notes=f'remat={remat} steps_per_call={steps_per_call} XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+    r = Result(
+      'jax',
+      jax.local_devices()[0].device_kind,
+      batch,
+      dtype,
+      nparams,
+      peak_kind='device peak_bytes_in_use' if on_gpu else CpuPeak.kind,
+      notes=f'remat={remat} steps_per_call={steps_per_call} XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}',
+    )
     if train_steps:
       tr = bench_jax_train(model, batch=batch, steps=train_steps, k=steps_per_call)
       r.train_img_s, r.train_compile_s, r.train_peak_mb = tr['img_s'], tr['compile_s'], tr['peak_mb']
@@ -421,13 +504,20 @@ def run(*, batch: int = 32, train_steps: int = 3, sample_steps: int = 4, sample_
     results.append(r)
   if 'torch' in impls:
     import torch
+
     th = bench_torch(model, params, batch=batch, train_steps=train_steps, sample_steps=sample_steps, dtype=dtype)
     if th['params'] != nparams:
-      raise AssertionError(f"torch peer has {th['params']} parameters, ddpm_jax {nparams}: not the same model")
+      raise AssertionError(f'torch peer has {th["params"]} parameters, ddpm_jax {nparams}: not the same model')
     cuda = torch.cuda.is_available()
-    r = Result('torch', torch.cuda.get_device_name() if cuda else platform.processor() or 'cpu', batch,
-               dtype, th['params'], peak_kind='torch.cuda.max_memory_allocated' if cuda else CpuPeak.kind,
-               notes=f"threads={torch.get_num_threads()} compute={th.get('compute_dtype')}")
+    r = Result(
+      'torch',
+      torch.cuda.get_device_name() if cuda else platform.processor() or 'cpu',
+      batch,
+      dtype,
+      th['params'],
+      peak_kind='torch.cuda.max_memory_allocated' if cuda else CpuPeak.kind,
+      notes=f'threads={torch.get_num_threads()} compute={th.get("compute_dtype")}',
+    )
     for f in MEASUREMENTS:
       setattr(r, f, th.get(f))
     results.append(r)
@@ -440,22 +530,41 @@ def _fmt(v, spec):
 
 def table(results: Sequence[Result]) -> str:
   """One text table; a last row 'jax/torch' gives the throughput ratios when both ran."""
-  head = ('impl', 'train img/s', 'sample img-step/s', 's/256x1000 (extrap.)', 'compile s (train/sample)',
-          'peak MiB (train/sample)')
+  head = (
+    'impl',
+    'train img/s',
+    'sample img-step/s',
+    's/256x1000 (extrap.)',
+    'compile s (train/sample)',
+    'peak MiB (train/sample)',
+  )
   rows = []
   for r in results:
-    rows.append((r.impl, _fmt(r.train_img_s, '.3f'), _fmt(r.sample_img_steps_s, '.2f'),
-                 _fmt(r.sample_256x1000_s, '.0f'),
-                 f'{_fmt(r.train_compile_s, ".1f")}/{_fmt(r.sample_compile_s, ".1f")}',
-                 f'{_fmt(r.train_peak_mb, ".0f")}/{_fmt(r.sample_peak_mb, ".0f")}'))
+    rows.append(
+      (
+        r.impl,
+        _fmt(r.train_img_s, '.3f'),
+        _fmt(r.sample_img_steps_s, '.2f'),
+        _fmt(r.sample_256x1000_s, '.0f'),
+        f'{_fmt(r.train_compile_s, ".1f")}/{_fmt(r.sample_compile_s, ".1f")}',
+        f'{_fmt(r.train_peak_mb, ".0f")}/{_fmt(r.sample_peak_mb, ".0f")}',
+      )
+    )
   by = {r.impl: r for r in results}
   if 'jax' in by and 'torch' in by:
     j, t = by['jax'], by['torch']
     ratio = lambda a, b: None if a is None or b is None or b == 0 else a / b
     times = lambda v: '-' if v is None else format(v, '.2f') + 'x'
-    rows.append(('jax/torch', times(ratio(j.train_img_s, t.train_img_s)),
-                 times(ratio(j.sample_img_steps_s, t.sample_img_steps_s)),
-                 times(ratio(j.sample_256x1000_s, t.sample_256x1000_s)) + ' (time)', '', ''))
+    rows.append(
+      (
+        'jax/torch',
+        times(ratio(j.train_img_s, t.train_img_s)),
+        times(ratio(j.sample_img_steps_s, t.sample_img_steps_s)),
+        times(ratio(j.sample_256x1000_s, t.sample_256x1000_s)) + ' (time)',
+        '',
+        '',
+      )
+    )
   widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
   line = lambda cells: ' | '.join(str(c).ljust(w) for c, w in zip(cells, widths))
   out = [line(head), '-+-'.join('-' * w for w in widths)] + [line(r) for r in rows]
@@ -463,15 +572,19 @@ def table(results: Sequence[Result]) -> str:
   out.append(f'peak memory: {"; ".join(kinds)}. s/256x1000 is extrapolated from the timed reverse steps.')
   if 'jax' in by and (by['jax'].train_tflop_s or by['jax'].sample_tflop_s):
     j = by['jax']
-    out.append(f'ddpm_jax achieved (XLA\'s count of its programs\' FLOPs): training {_fmt(j.train_tflop_s, ".3f")} '
-               f'TFLOP/s, sampling {_fmt(j.sample_tflop_s, ".3f")} TFLOP/s.')
+    out.append(
+      f"ddpm_jax achieved (XLA's count of its programs' FLOPs): training {_fmt(j.train_tflop_s, '.3f')} "
+      f'TFLOP/s, sampling {_fmt(j.sample_tflop_s, ".3f")} TFLOP/s.'
+    )
   return '\n'.join(out)
 
 
 def _merge(a: Result, b: Result) -> Result:
   """``a`` with the measurements it lacks taken from ``b`` (the same implementation, another phase)."""
-  fields = {f.name: getattr(a, f.name) if getattr(a, f.name) is not None else getattr(b, f.name)
-            for f in dataclasses.fields(Result)}
+  fields = {
+    f.name: getattr(a, f.name) if getattr(a, f.name) is not None else getattr(b, f.name)
+    for f in dataclasses.fields(Result)
+  }
   fields['notes'] = '; '.join(n for n in (a.notes, b.notes) if n)
   return Result(**fields)
 
@@ -489,11 +602,14 @@ def run_isolated(argv: Sequence[str], impls: Sequence[str], *, cpu_tuning: str =
   """
   import subprocess
   import tempfile
+
   jobs = []  # (impl, extra argv)
   for impl in impls:
     if impl == 'jax' and cpu_tuning == 'auto':
-      jobs += [('jax', ['--sample_steps', '0', '--cpu_tuning', 'train']),
-               ('jax', ['--train_steps', '0', '--cpu_tuning', 'inference'])]
+      jobs += [
+        ('jax', ['--sample_steps', '0', '--cpu_tuning', 'train']),
+        ('jax', ['--train_steps', '0', '--cpu_tuning', 'inference']),
+      ]
     else:
       jobs.append((impl, ['--cpu_tuning', cpu_tuning] if impl == 'jax' else []))
   results: dict[str, Result] = {}
@@ -518,8 +634,10 @@ def median_over_rounds(rounds: Sequence[Sequence[Result]]) -> list[Result]:
   out = []
   for impl in [r.impl for r in rounds[0]]:
     mine = [r for rnd in rounds for r in rnd if r.impl == impl]
-    fields = {f: statistics.median(v) if (v := [getattr(r, f) for r in mine if getattr(r, f) is not None])
-              else None for f in MEASUREMENTS}
+    fields = {
+      f: statistics.median(v) if (v := [getattr(r, f) for r in mine if getattr(r, f) is not None]) else None
+      for f in MEASUREMENTS
+    }
     out.append(dataclasses.replace(mine[0], **fields, notes=f'median of {len(mine)} rounds; {mine[0].notes}'))
   return out
 
@@ -543,8 +661,11 @@ def rounds_summary(rounds: Sequence[Sequence[Result]]) -> str:
   lines = [f'{len(rounds)} rounds (jax and torch alternating, each in its own process); jax/torch per round:']
   for name, rs in ratios_over_rounds(rounds).items():
     if rs:
-      lines.append(f'  {name}: ' + ' '.join(f'{r:.2f}x' for r in rs) +
-                   f'  -> median {statistics.median(rs):.2f}x, range {min(rs):.2f}-{max(rs):.2f}x')
+      lines.append(
+        f'  {name}: '
+        + ' '.join(f'{r:.2f}x' for r in rs)
+        + f'  -> median {statistics.median(rs):.2f}x, range {min(rs):.2f}-{max(rs):.2f}x'
+      )
   return '\n'.join(lines)
 
 
@@ -568,25 +689,41 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--batch', type=int, default=32)
   p.add_argument('--train_steps', type=int, default=3, help='timed train calls (after one warm-up); 0 skips')
-  p.add_argument('--sample_steps', type=int, default=4,
-                 help='reverse steps per timed sampling call, extrapolated to 1000; 0 skips')
+  p.add_argument(
+    '--sample_steps', type=int, default=4, help='reverse steps per timed sampling call, extrapolated to 1000; 0 skips'
+  )
   p.add_argument('--sample_repeats', type=int, default=2, help='timed JAX sampling calls (after one warm-up)')
-  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
-                 help='compute dtype, parameters float32: JAX computes in it, the peer under torch.autocast')
+  p.add_argument(
+    '--dtype',
+    default='float32',
+    choices=('float32', 'bfloat16'),
+    help='compute dtype, parameters float32: JAX computes in it, the peer under torch.autocast',
+  )
   p.add_argument('--impl', default='jax,torch')
   p.add_argument('--remat', action='store_true')
   p.add_argument('--steps_per_call', type=int, default=1)
   p.add_argument('--tiny', action='store_true', help='tiny model (smoke test)')
   p.add_argument('--matmul_precision', default=None, help="jax_default_matmul_precision, e.g. 'bfloat16'")
-  p.add_argument('--cpu_tuning', default='auto', choices=('auto', 'train', 'inference', 'none'),
-                 help="XLA:CPU setting (ddpm_jax.cpu_tuning): 'auto' = what train.py / sample.py use for each phase")
-  p.add_argument('--in_process', action='store_true',
-                 help='measure every impl in this process (default: a subprocess per impl, and per JAX phase with '
-                      '--cpu_tuning auto, started with the CPU settings of the commands; in-process with '
-                      '--cpu_tuning none and one impl)')
-  p.add_argument('--rounds', type=int, default=1,
-                 help='repeat the whole comparison this many times, the implementations alternating, and report '
-                      'medians and the ratio of each round (for machines whose speed drifts)')
+  p.add_argument(
+    '--cpu_tuning',
+    default='auto',
+    choices=('auto', 'train', 'inference', 'none'),
+    help="XLA:CPU setting (ddpm_jax.cpu_tuning): 'auto' = what train.py / sample.py use for each phase",
+  )
+  p.add_argument(
+    '--in_process',
+    action='store_true',
+    help='measure every impl in this process (default: a subprocess per impl, and per JAX phase with '
+    '--cpu_tuning auto, started with the CPU settings of the commands; in-process with '
+    '--cpu_tuning none and one impl)',
+  )
+  p.add_argument(
+    '--rounds',
+    type=int,
+    default=1,
+    help='repeat the whole comparison this many times, the implementations alternating, and report '
+    'medians and the ratio of each round (for machines whose speed drifts)',
+  )
   p.add_argument('--json', default=None, help='write results + environment here')
   a = p.parse_args(argv)
   if a.rounds < 1:
@@ -620,19 +757,38 @@ def main(argv=None):
     if a.rounds > 1:
       print(rounds_summary(rounds), 'medians over the rounds:', sep='\n')
   else:
-    results = run(batch=a.batch, train_steps=a.train_steps, sample_steps=a.sample_steps,
-                  sample_repeats=a.sample_repeats, dtype=a.dtype, impls=impls, remat=a.remat,
-                  steps_per_call=a.steps_per_call, tiny=a.tiny)
+    results = run(
+      batch=a.batch,
+      train_steps=a.train_steps,
+      sample_steps=a.sample_steps,
+      sample_repeats=a.sample_repeats,
+      dtype=a.dtype,
+      impls=impls,
+      remat=a.remat,
+      steps_per_call=a.steps_per_call,
+      tiny=a.tiny,
+    )
   print(table(results), flush=True)
   print(f'total wall time {time.time() - t0:.0f} s; load average at start {load0}, at end {os.getloadavg()}')
   if a.json:
     with open(a.json, 'w') as f:
       extra = {}
       if a.rounds > 1:
-        extra = dict(rounds=[[dataclasses.asdict(r) for r in rnd] for rnd in rounds],
-                     ratios_per_round=ratios_over_rounds(rounds))
-      json.dump(dict(environment=env, argv=argv, loadavg_start=load0, loadavg_end=os.getloadavg(),
-                     results=[dataclasses.asdict(r) for r in results], **extra), f, indent=1)
+        extra = dict(
+          rounds=[[dataclasses.asdict(r) for r in rnd] for rnd in rounds], ratios_per_round=ratios_over_rounds(rounds)
+        )
+      json.dump(
+        dict(
+          environment=env,
+          argv=argv,
+          loadavg_start=load0,
+          loadavg_end=os.getloadavg(),
+          results=[dataclasses.asdict(r) for r in results],
+          **extra,
+        ),
+        f,
+        indent=1,
+      )
   return results
 
 

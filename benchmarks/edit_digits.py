@@ -31,7 +31,7 @@ def held_out_digits(num_images: int, seed: int = 0, test_fraction: float = 0.2) 
   """The first ``num_images`` digits that ``evaluation.digits_classifier(seed, test_fraction)`` holds out."""
   images, labels = input_pipeline.load_digits(8), input_pipeline.load_digits_labels()
   order = np.random.default_rng(seed).permutation(len(images))
-  test = order[:int(round(test_fraction * len(images)))][:num_images]
+  test = order[: int(round(test_fraction * len(images)))][:num_images]
   return images[test], labels[test]
 
 
@@ -44,7 +44,7 @@ def main(argv=None) -> list[dict]:
   p.add_argument('--jump_n_sample', type=int, default=10)
   p.add_argument('--t_starts', default='100,200,300,500,700')
   p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--out', required=True, help='folder for each setting\'s results (grids, npz)')
+  p.add_argument('--out', required=True, help="folder for each setting's results (grids, npz)")
   a = p.parse_args(argv)
 
   loaded = sample_lib.load_model(workdir=a.workdir)
@@ -53,26 +53,38 @@ def main(argv=None) -> list[dict]:
   clf, clf_acc = evaluation.digits_classifier()
   images, labels = held_out_digits(a.num_images)
   real_acc, _ = evaluation.class_accuracy(images, labels, clf)
-  settings = [('inpaint', dict(mask=a.mask)),
-              ('inpaint', dict(mask=a.mask, jump_length=a.jump_length, jump_n_sample=a.jump_n_sample))]
+  settings = [
+    ('inpaint', dict(mask=a.mask)),
+    ('inpaint', dict(mask=a.mask, jump_length=a.jump_length, jump_n_sample=a.jump_n_sample)),
+  ]
   settings += [('sdedit', dict(t_start=int(t))) for t in a.t_starts.split(',')]
   rows = []
   print(f'classifier: {clf_acc:.3f} on its held-out digits; {real_acc:.3f} on the {len(images)} inputs')
   for mode, kwargs in settings:
     name = mode + ''.join(f'_{k}{v}' for k, v in kwargs.items())
     t0 = time.time()
-    summary = editing.run(mode=mode, out_dir=os.path.join(a.out, name), images=images, loaded=loaded,
-                          num_samples=1, seed=a.seed, source_name='held-out digits', **kwargs)
+    summary = editing.run(
+      mode=mode,
+      out_dir=os.path.join(a.out, name),
+      images=images,
+      loaded=loaded,
+      num_samples=1,
+      seed=a.seed,
+      source_name='held-out digits',
+      **kwargs,
+    )
     with np.load(os.path.join(a.out, name, 'results.npz')) as f:
       results = f['results'][:, 0]
     acc, _ = evaluation.class_accuracy(results, labels, clf)
-    row = dict(mode=mode, **kwargs, class_kept=acc, network_calls=summary['network_calls_per_result'],
-               seconds=time.time() - t0)
+    row = dict(
+      mode=mode, **kwargs, class_kept=acc, network_calls=summary['network_calls_per_result'], seconds=time.time() - t0
+    )
     rows.append(row)
     print(json.dumps(row))
   with open(os.path.join(a.out, 'edit_digits.json'), 'w') as f:
-    json.dump(dict(classifier_held_out=clf_acc, inputs_classified=real_acc, num_images=len(images), rows=rows), f,
-              indent=2)
+    json.dump(
+      dict(classifier_held_out=clf_acc, inputs_classified=real_acc, num_images=len(images), rows=rows), f, indent=2
+    )
   return rows
 
 

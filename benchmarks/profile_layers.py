@@ -34,11 +34,27 @@ from ddpm_jax import cpu_tuning  # pylint: disable=wrong-import-position
 # (resolution, in channels, out channels, kind, occurrences) of the CIFAR-10 U-Net's 3x3 convolutions. Kind 's1' and
 # 's2': stride 1 or 2; 'up': the conv after a x2 nearest upsample (resolution = its output), which the model computes
 # as four 2x2 convs at half the resolution (`layers.upsample_conv3x3`) and the peer as a conv of the upsampled input.
-CONVS = [(32, 3, 128, 's1', 1), (32, 128, 128, 's1', 7), (32, 128, 128, 's2', 1), (16, 128, 256, 's1', 1),
-         (16, 256, 256, 's1', 6), (16, 256, 256, 'up', 1), (16, 256, 256, 's2', 1), (8, 256, 256, 's1', 7),
-         (8, 256, 256, 'up', 1), (8, 256, 256, 's2', 1), (4, 256, 256, 's1', 11), (4, 512, 256, 's1', 3),
-         (8, 512, 256, 's1', 3), (16, 512, 256, 's1', 2), (16, 384, 256, 's1', 1), (32, 256, 256, 'up', 1),
-         (32, 384, 128, 's1', 1), (32, 256, 128, 's1', 2), (32, 128, 3, 's1', 1)]
+CONVS = [
+  (32, 3, 128, 's1', 1),
+  (32, 128, 128, 's1', 7),
+  (32, 128, 128, 's2', 1),
+  (16, 128, 256, 's1', 1),
+  (16, 256, 256, 's1', 6),
+  (16, 256, 256, 'up', 1),
+  (16, 256, 256, 's2', 1),
+  (8, 256, 256, 's1', 7),
+  (8, 256, 256, 'up', 1),
+  (8, 256, 256, 's2', 1),
+  (4, 256, 256, 's1', 11),
+  (4, 512, 256, 's1', 3),
+  (8, 512, 256, 's1', 3),
+  (16, 512, 256, 's1', 2),
+  (16, 384, 256, 's1', 1),
+  (32, 256, 256, 'up', 1),
+  (32, 384, 128, 's1', 1),
+  (32, 256, 128, 's1', 2),
+  (32, 128, 3, 's1', 1),
+]
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -63,17 +79,18 @@ def bench_layers(batch: int, repeats: int) -> list[tuple]:
     w = jax.nn.softmax(jnp.einsum('bnc,bmc->bnm', q, k) * q.shape[-1] ** -0.5, axis=-1)
     return jnp.einsum('bnm,bmc->bnc', w, v)
 
-  plain = dict(GroupNorm=lambda **kw: nn.GroupNorm(use_fast_variance=False, **kw),
-               Dense=nn.Dense, attention=plain_attention)
+  plain = dict(
+    GroupNorm=lambda **kw: nn.GroupNorm(use_fast_variance=False, **kw), Dense=nn.Dense, attention=plain_attention
+  )
   mine = dict(GroupNorm=layers.GroupNorm, Dense=layers.Dense, attention=layers.attention)
   rng = np.random.default_rng(0)
   temb = jnp.asarray(rng.normal(size=(batch, 512)), jnp.float32)
   rows = []
   specs = [
-      ('GroupNorm+swish 32x32x128', (batch, 32, 32, 128), 'gn'),
-      ('GroupNorm+swish 32x32x384', (batch, 32, 32, 384), 'gn'),
-      ('ResBlock 32x32 256->128 (Dense shortcut)', (batch, 32, 32, 256), 'res'),
-      ('attention block 16x16x256', (batch, 16, 16, 256), 'attn'),
+    ('GroupNorm+swish 32x32x128', (batch, 32, 32, 128), 'gn'),
+    ('GroupNorm+swish 32x32x384', (batch, 32, 32, 384), 'gn'),
+    ('ResBlock 32x32 256->128 (Dense shortcut)', (batch, 32, 32, 256), 'res'),
+    ('attention block 16x16x256', (batch, 16, 16, 256), 'attn'),
   ]
   for name, shape, kind in specs:
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
@@ -110,6 +127,7 @@ def bench_convs(batch: int, repeats: int) -> list[tuple]:
   import numpy as np
   import torch
   from ddpm_jax.models import layers
+
   torch.set_num_threads(os.cpu_count() or 1)
   rng = np.random.default_rng(0)
   rows = []
@@ -137,15 +155,19 @@ def bench_convs(batch: int, repeats: int) -> list[tuple]:
     txp = torch.nn.functional.pad(tx, (0, 1, 0, 1)) if stride == 2 else tx
     with torch.no_grad():
       t_f = _median_ms(lambda: torch.nn.functional.conv2d(txp, tw, None, stride, tpad), repeats)
-      t_b = _median_ms(lambda: torch.ops.aten.convolution_backward(
-          tdy, txp, tw, [cout], [stride, stride], [tpad, tpad], [1, 1], False, [0, 0], 1, [True, True, False]),
-          repeats)
+      t_b = _median_ms(
+        lambda: torch.ops.aten.convolution_backward(
+          tdy, txp, tw, [cout], [stride, stride], [tpad, tpad], [1, 1], False, [0, 0], 1, [True, True, False]
+        ),
+        repeats,
+      )
     rows.append((f'{h}x{h} {cin}->{cout} {kind}', count, j_f, j_b, t_f, t_b))
   return rows
 
 
-def bench_roofline(batch: int, repeats: int, *, model=None, dtype: str = 'float32', matmul_n: int = 4096,
-                   copy_mib: int = 256) -> list[tuple]:
+def bench_roofline(
+  batch: int, repeats: int, *, model=None, dtype: str = 'float32', matmul_n: int = 4096, copy_mib: int = 256
+) -> list[tuple]:
   """Rows ``(name, amount, unit, ms, rate)``: GFLOP and GFLOP/s for computations, GB and GB/s for the copy.
 
   ``model``: a Linen module called as ``model.apply({'params': p}, x [B, 32, 32, 3], t [B], train=False)``
@@ -157,6 +179,7 @@ def bench_roofline(batch: int, repeats: int, *, model=None, dtype: str = 'float3
   import numpy as np
   from benchmarks import bench
   from ddpm_jax.models import unet
+
   model = model or unet.unet_cifar10(dtype=jnp.dtype(dtype))
   x = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
   t = jnp.full((batch,), 500, jnp.int32)
@@ -169,12 +192,16 @@ def bench_roofline(batch: int, repeats: int, *, model=None, dtype: str = 'float3
   scale = jax.jit(lambda v: v * 1.5 + 1.0)
   mm_gflop = 2 * matmul_n**3 / 1e9
   gb = 2 * big.nbytes / 1e9  # read and write
-  rows = [('U-Net forward, XLA', gflop, 'GFLOP',
-           _median_ms(lambda: jax.block_until_ready(forward(params, x, t)), repeats)),
-          (f'matmul {matmul_n}x{matmul_n} {dtype}, XLA', mm_gflop, 'GFLOP',
-           _median_ms(lambda: jax.block_until_ready(matmul(a, a)), repeats)),
-          (f'v * 1.5 + 1 over {copy_mib} MiB, XLA', gb, 'GB',
-           _median_ms(lambda: jax.block_until_ready(scale(big)), repeats))]
+  rows = [
+    ('U-Net forward, XLA', gflop, 'GFLOP', _median_ms(lambda: jax.block_until_ready(forward(params, x, t)), repeats)),
+    (
+      f'matmul {matmul_n}x{matmul_n} {dtype}, XLA',
+      mm_gflop,
+      'GFLOP',
+      _median_ms(lambda: jax.block_until_ready(matmul(a, a)), repeats),
+    ),
+    (f'v * 1.5 + 1 over {copy_mib} MiB, XLA', gb, 'GB', _median_ms(lambda: jax.block_until_ready(scale(big)), repeats)),
+  ]
   try:
     import torch
   except ImportError:
@@ -188,8 +215,10 @@ def bench_roofline(batch: int, repeats: int, *, model=None, dtype: str = 'float3
     def peer_matmul():
       torch.matmul(ta, ta)
       sync()
-    rows.insert(2, (f'matmul {matmul_n}x{matmul_n} {dtype}, PyTorch', mm_gflop, 'GFLOP',
-                    _median_ms(peer_matmul, repeats)))
+
+    rows.insert(
+      2, (f'matmul {matmul_n}x{matmul_n} {dtype}, PyTorch', mm_gflop, 'GFLOP', _median_ms(peer_matmul, repeats))
+    )
   return [(name, amount, unit, ms, amount / ms * 1e3) for name, amount, unit, ms in rows]
 
 
@@ -199,16 +228,23 @@ def main(argv=None):
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--repeats', type=int, default=7)
   parser.add_argument('--cpu_tuning', choices=['train', 'inference', 'none'], default='train')
-  parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32',
-                      help='roofline only: compute dtype of the model and the matrix products')
+  parser.add_argument(
+    '--dtype',
+    choices=['float32', 'bfloat16'],
+    default='float32',
+    help='roofline only: compute dtype of the model and the matrix products',
+  )
   args = parser.parse_args(argv)
   if args.batch < 1 or args.repeats < 1:
     parser.error(f'--batch and --repeats must be >= 1, got {args.batch} and {args.repeats}.')
   if args.cpu_tuning != 'none':
     cpu_tuning.tune_cpu(args.cpu_tuning)
   import jax
-  print(f'jax {jax.__version__} on {jax.devices()[0].device_kind}, batch {args.batch}, '
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+
+  print(
+    f'jax {jax.__version__} on {jax.devices()[0].device_kind}, batch {args.batch}, '
+    f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}'
+  )
   if args.what == 'layers':
     print('ms                                        | plain fwd | plain fwd+grad | layers.py fwd | layers.py fwd+grad')
     for name, pf, pg, mf, mg in bench_layers(args.batch, args.repeats):

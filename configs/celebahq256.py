@@ -6,7 +6,7 @@ Command:
 Hardware: a Cloud TPU v3-8 / v4-8 or 8 GPUs (batch 64 = 8 per device); any device count that divides 64.
 Expected time: the paper reports 2.2 steps/s on a TPU v3-8 for the 256x256 model, i.e. about 63 h for
 0.5M steps (not measured here).
-Expected result: paper FID not reported in the paper (samples only) (50k EMA samples, StyleGAN2 FID code). Not reproduced here.
+Expected result: the paper shows CelebA-HQ samples only and reports no FID. Not reproduced here.
 The data is streamed with tf.data (data.in_memory=False): on resume the stream restarts with a shuffle seed
 derived from (seed, step), so the order differs from an uninterrupted run (docs/training.md).
 """

@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   optim.eps = 1e-8  # Adam epsilon.
   optim.warmup_steps = 5000  # Linear warmup lr * min(step / warmup, 1) from step 0 (0 = none).
   optim.grad_clip = 1.0  # Clip to this global gradient norm (0 = no clipping).
-  optim.clip_groups = 0  # 0: clip the batch-mean gradient; G>0: clip each of G example groups, then average (TF TPU: 8).
+  optim.clip_groups = 0  # 0: clip the batch-mean gradient; G > 0: clip G example groups, then average (TF: 8).
   optim.ema_decay = 0.9999  # EMA of the parameters, updated every step; sampling uses the EMA.
 
   config.train = train = ml_collections.ConfigDict()

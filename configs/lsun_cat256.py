@@ -6,7 +6,9 @@ Command:
 Hardware: a Cloud TPU v3-8 / v4-8 or 8 GPUs (batch 64 = 8 per device); any device count that divides 64.
 Expected time: the paper reports 2.2 steps/s on a TPU v3-8 for the 256x256 model, i.e. about 227 h for
 1.8M steps (not measured here).
-Expected result: paper FID 19.75 (50k EMA samples, StyleGAN2 FID code) (paper says flipped; the TF docstring passes --randflip 0: --config.data.random_flip=False to follow the code). Not reproduced here.
+Expected result: paper FID 19.75 (50k EMA samples, StyleGAN2 FID code). Not reproduced here.
+The paper says the images were flipped; the TF docstring passes --randflip 0
+(--config.data.random_flip=False follows the code).
 The data is streamed with tf.data (data.in_memory=False): on resume the stream restarts with a shuffle seed
 derived from (seed, step), so the order differs from an uninterrupted run (docs/training.md).
 """

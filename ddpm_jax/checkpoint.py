@@ -31,6 +31,7 @@ class _DropOrbaxInfo(logging.Filter):
 
 def _quiet_orbax() -> None:
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _DropOrbaxInfo) for f in handler.filters):
     handler.addFilter(_DropOrbaxInfo())
@@ -119,17 +120,24 @@ class Checkpointer:
     if corrupt:
       details = '; '.join(f'step {s}: {type(e).__name__}: {str(e)[:200]}' for s, e in corrupt)
       raise CheckpointRestoreError(
-          f'None of the checkpoints {steps} in {self.directory} can be restored into this train state '
-          f'({details}). If the model or optimizer config changed, use a new --workdir; if the files are '
-          'damaged, move them out of the way. Nothing was moved or deleted.')
+        f'None of the checkpoints {steps} in {self.directory} can be restored into this train state '
+        f'({details}). If the model or optimizer config changed, use a new --workdir; if the files are '
+        'damaged, move them out of the way. Nothing was moved or deleted.'
+      )
     return None, None
 
   def _report_corrupt(self, corrupt: list[tuple[int, Exception]], fallback: int) -> None:
     for bad, error in corrupt:
       moved = self._move_aside(bad)
-      _log.warning('Checkpoint step %d in %s is unreadable (%s: %s); %s. It was moved to %s.', bad,
-                   self.directory, type(error).__name__, str(error)[:200],
-                   f'resuming from the previous checkpoint, step {fallback}', moved)
+      _log.warning(
+        'Checkpoint step %d in %s is unreadable (%s: %s); %s. It was moved to %s.',
+        bad,
+        self.directory,
+        type(error).__name__,
+        str(error)[:200],
+        f'resuming from the previous checkpoint, step {fallback}',
+        moved,
+      )
     # Rebuild the manager so that its cached step list no longer holds the moved steps.
     self._manager.close()
     self._manager = self._new_manager()

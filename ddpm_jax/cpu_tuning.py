@@ -74,6 +74,7 @@ def tune_cpu(workload: str) -> str | None:
     return None
   import jax  # pylint: disable=g-import-not-at-top
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
   if not jax.__version__.startswith('0.10.') or xla_bridge.backends_are_initialized():
     return None
   global _added
@@ -117,7 +118,7 @@ def _thp_mode() -> str:
   except OSError:
     return ''
   start, end = text.find('['), text.find(']')
-  return text[start + 1:end] if 0 <= start < end else ''
+  return text[start + 1 : end] if 0 <= start < end else ''
 
 
 def _glibc_version() -> tuple[int, ...]:
@@ -136,8 +137,13 @@ def _computes_on_cpu(environ: Mapping[str, str]) -> bool:
   return not any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS)
 
 
-def malloc_tuning_env(environ: Mapping[str, str] | None = None, *, thp_mode: str | None = None,
-                      glibc: tuple[int, ...] | None = None, on_cpu: bool | None = None) -> dict[str, str] | None:
+def malloc_tuning_env(
+  environ: Mapping[str, str] | None = None,
+  *,
+  thp_mode: str | None = None,
+  glibc: tuple[int, ...] | None = None,
+  on_cpu: bool | None = None,
+) -> dict[str, str] | None:
   """``environ`` (default ``os.environ``) with `MALLOC_TUNABLE` added to ``GLIBC_TUNABLES``, or None where it
   does not apply (see the module docstring: platform, glibc, huge-page mode, backend, the user's settings).
 

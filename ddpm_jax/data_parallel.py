@@ -54,8 +54,7 @@ def replicate(tree: Any, devices: Sequence[Any] | None = None) -> Any:
 
 def unreplicate(tree: Any) -> Any:
   """A replicated pytree (from `replicate` or the step) as host numpy arrays: this process's first copy."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x),
-                      tree)
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x), tree)
 
 
 def map_over_devices(fn: Callable[..., Any], devices: Sequence[Any]) -> Callable[..., Any]:
@@ -84,8 +83,10 @@ def map_over_devices(fn: Callable[..., Any], devices: Sequence[Any]) -> Callable
   def run(shared, *arrays):
     for i, a in enumerate(arrays):
       if np.shape(a)[:1] != (num_devices,):
-        raise ValueError(f'map_over_devices: argument {i + 1} has shape {np.shape(a)}; its leading axis must be '
-                         f'the {num_devices} devices (reshape it to [{num_devices}, n, ...]).')
+        raise ValueError(
+          f'map_over_devices: argument {i + 1} has shape {np.shape(a)}; its leading axis must be '
+          f'the {num_devices} devices (reshape it to [{num_devices}, n, ...]).'
+        )
     return mapped(shared, arrays)
 
   return run

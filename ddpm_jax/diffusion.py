@@ -44,20 +44,23 @@ LOSS_TYPES: tuple[str, ...] = ('mse', 'kl')
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def check_types(mean_type: str | None = None,
-                var_type: str | None = None,
-                loss_type: str | None = None) -> None:
+def check_types(mean_type: str | None = None, var_type: str | None = None, loss_type: str | None = None) -> None:
   """Raises ``ValueError`` for an unknown mean/variance/loss name or an unsupported combination.
 
   Arguments left as None are not checked.
   """
-  for value, valid, what in ((mean_type, MEAN_TYPES, 'mean_type'), (var_type, VAR_TYPES, 'var_type'),
-                             (loss_type, LOSS_TYPES, 'loss_type')):
+  for value, valid, what in (
+    (mean_type, MEAN_TYPES, 'mean_type'),
+    (var_type, VAR_TYPES, 'var_type'),
+    (loss_type, LOSS_TYPES, 'loss_type'),
+  ):
     if value is not None and value not in valid:
       raise ValueError(f'Unknown {what} {value!r}; choose one of {valid}.')
   if loss_type == 'mse' and var_type == 'learned':
-    raise ValueError("loss_type='mse' cannot train a learned variance (var_type='learned'); use "
-                     "loss_type='kl' or a fixed variance ('fixedlarge' or 'fixedsmall').")
+    raise ValueError(
+      "loss_type='mse' cannot train a learned variance (var_type='learned'); use "
+      "loss_type='kl' or a fixed variance ('fixedlarge' or 'fixedsmall')."
+    )
 
 
 def _check_batch(x: jax.Array, t: jax.Array, what: str = 'x') -> None:
@@ -87,8 +90,7 @@ def mean_flat(x: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------- forward process
 
 
-def q_mean_variance(schedule: Schedule, x_start: jax.Array,
-                    t: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def q_mean_variance(schedule: Schedule, x_start: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Mean, variance and log-variance of q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I).
 
   Args:
@@ -121,12 +123,15 @@ def q_sample(schedule: Schedule, x_start: jax.Array, t: jax.Array, noise: jax.Ar
   """
   _check_batch(x_start, t, 'x_start')
   _check_same_shape(x_start, noise, 'x_start', 'noise')
-  return (extract(schedule.sqrt_alphas_cumprod, t, x_start.ndim) * x_start +
-          extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * noise)
+  return (
+    extract(schedule.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
+    + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * noise
+  )
 
 
-def q_posterior_mean_variance(schedule: Schedule, x_start: jax.Array, x_t: jax.Array,
-                              t: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def q_posterior_mean_variance(
+  schedule: Schedule, x_start: jax.Array, x_t: jax.Array, t: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Mean, variance and clipped log-variance of the posterior q(x_{t-1} | x_t, x_0).
 
   Args:
@@ -142,44 +147,43 @@ def q_posterior_mean_variance(schedule: Schedule, x_start: jax.Array, x_t: jax.A
   _check_batch(x_t, t, 'x_t')
   _check_same_shape(x_start, x_t, 'x_start', 'x_t')
   nd = x_t.ndim
-  mean = (extract(schedule.posterior_mean_coef1, t, nd) * x_start +
-          extract(schedule.posterior_mean_coef2, t, nd) * x_t)
-  return (mean, extract(schedule.posterior_variance, t, nd),
-          extract(schedule.posterior_log_variance_clipped, t, nd))
+  mean = extract(schedule.posterior_mean_coef1, t, nd) * x_start + extract(schedule.posterior_mean_coef2, t, nd) * x_t
+  return (mean, extract(schedule.posterior_variance, t, nd), extract(schedule.posterior_log_variance_clipped, t, nd))
 
 
 # -------------------------------------------------------------------------------------- parameterizations
 
 
-def predict_xstart_from_eps(schedule: Schedule, x_t: jax.Array, t: jax.Array,
-                            eps: jax.Array) -> jax.Array:
+def predict_xstart_from_eps(schedule: Schedule, x_t: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
   """x_0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps."""
   _check_batch(x_t, t, 'x_t')
   _check_same_shape(x_t, eps, 'x_t', 'eps')
-  return (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t -
-          extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps)
+  return (
+    extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
+    - extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps
+  )
 
 
-def predict_eps_from_xstart(schedule: Schedule, x_t: jax.Array, t: jax.Array,
-                            x_start: jax.Array) -> jax.Array:
+def predict_eps_from_xstart(schedule: Schedule, x_t: jax.Array, t: jax.Array, x_start: jax.Array) -> jax.Array:
   """eps = (sqrt(1/abar_t) x_t - x_0) / sqrt(1/abar_t - 1); the inverse of ``predict_xstart_from_eps``."""
   _check_batch(x_t, t, 'x_t')
   _check_same_shape(x_t, x_start, 'x_t', 'x_start')
-  return ((extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - x_start) /
-          extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim))
+  return (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - x_start) / extract(
+    schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim
+  )
 
 
-def predict_xstart_from_xprev(schedule: Schedule, x_t: jax.Array, t: jax.Array,
-                              xprev: jax.Array) -> jax.Array:
+def predict_xstart_from_xprev(schedule: Schedule, x_t: jax.Array, t: jax.Array, xprev: jax.Array) -> jax.Array:
   """x_0 = (xprev - coef2_t x_t) / coef1_t; the inverse of the posterior mean."""
   _check_batch(x_t, t, 'x_t')
   _check_same_shape(x_t, xprev, 'x_t', 'xprev')
-  return (extract(schedule.recip_posterior_mean_coef1, t, x_t.ndim) * xprev -
-          extract(schedule.posterior_mean_coef2_over_coef1, t, x_t.ndim) * x_t)
+  return (
+    extract(schedule.recip_posterior_mean_coef1, t, x_t.ndim) * xprev
+    - extract(schedule.posterior_mean_coef2_over_coef1, t, x_t.ndim) * x_t
+  )
 
 
-def predict_xprev_from_xstart(schedule: Schedule, x_t: jax.Array, t: jax.Array,
-                              x_start: jax.Array) -> jax.Array:
+def predict_xprev_from_xstart(schedule: Schedule, x_t: jax.Array, t: jax.Array, x_start: jax.Array) -> jax.Array:
   """The posterior mean of x_{t-1} given x_t and x_0 (the 'xprev' parameterization's target)."""
   return q_posterior_mean_variance(schedule, x_start, x_t, t)[0]
 
@@ -200,10 +204,16 @@ class PMeanVariance(NamedTuple):
   pred_xstart: jax.Array
 
 
-def p_mean_variance_from_output(schedule: Schedule, model_output: jax.Array, x_t: jax.Array,
-                                t: jax.Array, *, mean_type: MeanType = 'eps',
-                                var_type: VarType = 'fixedlarge',
-                                clip_denoised: bool = True) -> PMeanVariance:
+def p_mean_variance_from_output(
+  schedule: Schedule,
+  model_output: jax.Array,
+  x_t: jax.Array,
+  t: jax.Array,
+  *,
+  mean_type: MeanType = 'eps',
+  var_type: VarType = 'fixedlarge',
+  clip_denoised: bool = True,
+) -> PMeanVariance:
   """:func:`p_mean_variance` for an already computed network output.
 
   Useful when the output is transformed first (e.g. classifier-free guidance) or reused.
@@ -214,8 +224,9 @@ def p_mean_variance_from_output(schedule: Schedule, model_output: jax.Array, x_t
   expected_channels = x_t.shape[-1] * (2 if var_type == 'learned' else 1)
   if model_output.shape != x_t.shape[:-1] + (expected_channels,):
     raise ValueError(
-        f'denoise_fn output has shape {model_output.shape}; with var_type={var_type!r} it must be '
-        f'{x_t.shape[:-1] + (expected_channels,)} for x_t of shape {x_t.shape}.')
+      f'denoise_fn output has shape {model_output.shape}; with var_type={var_type!r} it must be '
+      f'{x_t.shape[:-1] + (expected_channels,)} for x_t of shape {x_t.shape}.'
+    )
 
   if var_type == 'learned':
     model_output, log_variance = jnp.split(model_output, 2, axis=-1)
@@ -243,9 +254,16 @@ def p_mean_variance_from_output(schedule: Schedule, model_output: jax.Array, x_t
   return PMeanVariance(mean, variance, log_variance, pred_xstart)
 
 
-def p_mean_variance(schedule: Schedule, denoise_fn: DenoiseFn, x_t: jax.Array, t: jax.Array, *,
-                    mean_type: MeanType = 'eps', var_type: VarType = 'fixedlarge',
-                    clip_denoised: bool = True) -> PMeanVariance:
+def p_mean_variance(
+  schedule: Schedule,
+  denoise_fn: DenoiseFn,
+  x_t: jax.Array,
+  t: jax.Array,
+  *,
+  mean_type: MeanType = 'eps',
+  var_type: VarType = 'fixedlarge',
+  clip_denoised: bool = True,
+) -> PMeanVariance:
   """The reverse-process Gaussian p_theta(x_{t-1} | x_t).
 
   For ``eps`` and ``xstart`` the network's x_0 estimate is (optionally) clipped to [-1, 1] before it forms
@@ -267,8 +285,8 @@ def p_mean_variance(schedule: Schedule, denoise_fn: DenoiseFn, x_t: jax.Array, t
   check_types(mean_type=mean_type, var_type=var_type)
   _check_batch(x_t, t, 'x_t')
   return p_mean_variance_from_output(
-      schedule, denoise_fn(x_t, t), x_t, t, mean_type=mean_type, var_type=var_type,
-      clip_denoised=clip_denoised)
+    schedule, denoise_fn(x_t, t), x_t, t, mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised
+  )
 
 
 # ------------------------------------------------------------------------------------- likelihood pieces
@@ -276,8 +294,7 @@ def p_mean_variance(schedule: Schedule, denoise_fn: DenoiseFn, x_t: jax.Array, t
 
 def normal_kl(mean1: jax.Array, logvar1: jax.Array, mean2: jax.Array, logvar2: jax.Array) -> jax.Array:
   """Elementwise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats (broadcasting)."""
-  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) +
-                jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
 
 
 def approx_standard_normal_cdf(x: jax.Array) -> jax.Array:
@@ -285,8 +302,7 @@ def approx_standard_normal_cdf(x: jax.Array) -> jax.Array:
   return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * jnp.power(x, 3))))
 
 
-def discretized_gaussian_log_likelihood(x: jax.Array, *, means: jax.Array,
-                                        log_scales: jax.Array) -> jax.Array:
+def discretized_gaussian_log_likelihood(x: jax.Array, *, means: jax.Array, log_scales: jax.Array) -> jax.Array:
   """Log-likelihood of images discretized to 256 levels under a Gaussian, elementwise, in nats.
 
   Data x in [-1, 1] are the 256 values ``k/127.5 - 1``; each owns the bin ``x +- 1/255`` and the two end
@@ -301,8 +317,7 @@ def discretized_gaussian_log_likelihood(x: jax.Array, *, means: jax.Array,
     log-probabilities with x's shape.
   """
   if x.shape != jnp.broadcast_shapes(x.shape, jnp.shape(means), jnp.shape(log_scales)):
-    raise ValueError(f'means {jnp.shape(means)} and log_scales {jnp.shape(log_scales)} must broadcast '
-                     f'to x {x.shape}.')
+    raise ValueError(f'means {jnp.shape(means)} and log_scales {jnp.shape(log_scales)} must broadcast to x {x.shape}.')
   centered_x = x - means
   inv_stdv = jnp.exp(-log_scales)
   cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered_x + 1.0 / 255.0))
@@ -310,8 +325,7 @@ def discretized_gaussian_log_likelihood(x: jax.Array, *, means: jax.Array,
   log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
   log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
   log_cdf_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
-  return jnp.where(x < -0.999, log_cdf_plus,
-                   jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+  return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
 def prior_bpd(schedule: Schedule, x_start: jax.Array) -> jax.Array:
@@ -324,9 +338,17 @@ def prior_bpd(schedule: Schedule, x_start: jax.Array) -> jax.Array:
   return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-def vb_terms_bpd(schedule: Schedule, denoise_fn: DenoiseFn, x_start: jax.Array, x_t: jax.Array,
-                 t: jax.Array, *, mean_type: MeanType = 'eps', var_type: VarType = 'fixedlarge',
-                 clip_denoised: bool = True) -> tuple[jax.Array, jax.Array]:
+def vb_terms_bpd(
+  schedule: Schedule,
+  denoise_fn: DenoiseFn,
+  x_start: jax.Array,
+  x_t: jax.Array,
+  t: jax.Array,
+  *,
+  mean_type: MeanType = 'eps',
+  var_type: VarType = 'fixedlarge',
+  clip_denoised: bool = True,
+) -> tuple[jax.Array, jax.Array]:
   """One term of the variational bound in bits/dim, per example.
 
   For t > 0 it is L_{t} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)); for t = 0 it is the decoder
@@ -347,20 +369,30 @@ def vb_terms_bpd(schedule: Schedule, denoise_fn: DenoiseFn, x_start: jax.Array, 
     ``(bpd [B], pred_xstart [B, H, W, C])``.
   """
   true_mean, _, true_log_variance = q_posterior_mean_variance(schedule, x_start, x_t, t)
-  out = p_mean_variance(schedule, denoise_fn, x_t, t, mean_type=mean_type, var_type=var_type,
-                        clip_denoised=clip_denoised)
+  out = p_mean_variance(
+    schedule, denoise_fn, x_t, t, mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised
+  )
   kl = mean_flat(normal_kl(true_mean, true_log_variance, out.mean, out.log_variance)) / math.log(2.0)
-  decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
-      x_start, means=out.mean, log_scales=0.5 * out.log_variance)) / math.log(2.0)
+  decoder_nll = -mean_flat(
+    discretized_gaussian_log_likelihood(x_start, means=out.mean, log_scales=0.5 * out.log_variance)
+  ) / math.log(2.0)
   return jnp.where(t == 0, decoder_nll, kl), out.pred_xstart
 
 
 # ------------------------------------------------------------------------------------------------ training
 
 
-def training_losses(schedule: Schedule, denoise_fn: DenoiseFn, x_start: jax.Array, t: jax.Array,
-                    noise: jax.Array, *, mean_type: MeanType = 'eps',
-                    var_type: VarType = 'fixedlarge', loss_type: LossType = 'mse') -> jax.Array:
+def training_losses(
+  schedule: Schedule,
+  denoise_fn: DenoiseFn,
+  x_start: jax.Array,
+  t: jax.Array,
+  noise: jax.Array,
+  *,
+  mean_type: MeanType = 'eps',
+  var_type: VarType = 'fixedlarge',
+  loss_type: LossType = 'mse',
+) -> jax.Array:
   """Per-example training losses at timesteps t.
 
   ``mse`` with ``eps`` is the paper's L_simple (Eq. 14): mean over pixels of ||eps - eps_theta(x_t, t)||^2.
@@ -383,8 +415,9 @@ def training_losses(schedule: Schedule, denoise_fn: DenoiseFn, x_start: jax.Arra
   check_types(mean_type=mean_type, var_type=var_type, loss_type=loss_type)
   x_t = q_sample(schedule, x_start, t, noise)
   if loss_type == 'kl':
-    return vb_terms_bpd(schedule, denoise_fn, x_start, x_t, t, mean_type=mean_type,
-                        var_type=var_type, clip_denoised=False)[0]
+    return vb_terms_bpd(
+      schedule, denoise_fn, x_start, x_t, t, mean_type=mean_type, var_type=var_type, clip_denoised=False
+    )[0]
   if mean_type == 'eps':
     target = noise
   elif mean_type == 'xstart':
@@ -415,9 +448,16 @@ class BpdResult(NamedTuple):
   mse: jax.Array
 
 
-def calc_bpd_loop(schedule: Schedule, denoise_fn: DenoiseFn, x_start: jax.Array, key: jax.Array, *,
-                  mean_type: MeanType = 'eps', var_type: VarType = 'fixedlarge',
-                  clip_denoised: bool = True) -> BpdResult:
+def calc_bpd_loop(
+  schedule: Schedule,
+  denoise_fn: DenoiseFn,
+  x_start: jax.Array,
+  key: jax.Array,
+  *,
+  mean_type: MeanType = 'eps',
+  var_type: VarType = 'fixedlarge',
+  clip_denoised: bool = True,
+) -> BpdResult:
   """The full variational bound (negative log-likelihood upper bound) in bits/dim.
 
   One ``lax.scan`` over t = T-1 .. 0 with fresh noise per t (T network evaluations per image), as the
@@ -445,8 +485,9 @@ def calc_bpd_loop(schedule: Schedule, denoise_fn: DenoiseFn, x_start: jax.Array,
     i, step_key = inputs
     t = jnp.full((batch,), i, dtype=jnp.int32)
     x_t = q_sample(schedule, x_start, t, jax.random.normal(step_key, x_start.shape, x_start.dtype))
-    bpd, pred_xstart = vb_terms_bpd(schedule, denoise_fn, x_start, x_t, t, mean_type=mean_type,
-                                    var_type=var_type, clip_denoised=clip_denoised)
+    bpd, pred_xstart = vb_terms_bpd(
+      schedule, denoise_fn, x_start, x_t, t, mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised
+    )
     return carry, (bpd, mean_flat(jnp.square(pred_xstart - x_start)))
 
   # reverse=True runs t = T-1 first, like the original, and stacks outputs at index t.

@@ -59,13 +59,14 @@ def repaint_path(num_timesteps: int, *, jump_length: int = 1, jump_n_sample: int
     int32 array of the visited states, ``path[0] = T`` and ``path[-1] = 0``; its length minus one is the number
     of transitions, of which ``T + (jump_n_sample - 1) * jump_length * num_points`` go down (network calls).
   """
-  for name, value in (('num_timesteps', num_timesteps), ('jump_length', jump_length),
-                      ('jump_n_sample', jump_n_sample)):
+  for name, value in (('num_timesteps', num_timesteps), ('jump_length', jump_length), ('jump_n_sample', jump_n_sample)):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
       raise ValueError(f'{name} must be a positive integer, got {value!r}.')
   if jump_n_sample > 1 and jump_length >= num_timesteps:
-    raise ValueError(f'jump_length={jump_length} leaves no resampling point in T = {num_timesteps} steps; '
-                     f'use a jump_length below {num_timesteps}, or jump_n_sample=1 for no jumps.')
+    raise ValueError(
+      f'jump_length={jump_length} leaves no resampling point in T = {num_timesteps} steps; '
+      f'use a jump_length below {num_timesteps}, or jump_n_sample=1 for no jumps.'
+    )
   jumps_left = {n: jump_n_sample - 1 for n in range(jump_length, num_timesteps - jump_length + 1, jump_length)}
   path = [num_timesteps]
   n = num_timesteps
@@ -85,14 +86,25 @@ def _check_known(x0: jax.Array, known: jax.Array) -> jax.Array:
   try:
     known = jnp.broadcast_to(known, x0.shape)
   except ValueError as e:
-    raise ValueError(f'known has shape {known.shape}; it must broadcast to the images {x0.shape} '
-                     '(e.g. [B, H, W, 1] or [H, W, 1]).') from e
+    raise ValueError(
+      f'known has shape {known.shape}; it must broadcast to the images {x0.shape} (e.g. [B, H, W, 1] or [H, W, 1]).'
+    ) from e
   return known if known.dtype == bool else known > 0.5
 
 
-def inpaint(schedule: Schedule, denoise_fn: DenoiseFn, x0: jax.Array, known: jax.Array, key: jax.Array, *,
-            jump_length: int = 1, jump_n_sample: int = 1, mean_type: MeanType = 'eps',
-            var_type: VarType = 'fixedlarge', clip_denoised: bool = True) -> jax.Array:
+def inpaint(
+  schedule: Schedule,
+  denoise_fn: DenoiseFn,
+  x0: jax.Array,
+  known: jax.Array,
+  key: jax.Array,
+  *,
+  jump_length: int = 1,
+  jump_n_sample: int = 1,
+  mean_type: MeanType = 'eps',
+  var_type: VarType = 'fixedlarge',
+  clip_denoised: bool = True,
+) -> jax.Array:
   """Fills the unknown pixels of ``x0`` with the model (RePaint), as one ``lax.scan``.
 
   The chain starts from ``x_T ~ N(0, I)`` with the known pixels drawn from q(x_T | x_0). Each reverse step
@@ -129,8 +141,9 @@ def inpaint(schedule: Schedule, denoise_fn: DenoiseFn, x0: jax.Array, known: jax
   def down(x, n, step_key):  # x_n -> x_{n-1}
     sample_key, known_key = jax.random.split(step_key)
     t = jnp.full((batch,), n - 1, jnp.int32)
-    x_gen, _ = sampling.p_sample(schedule, denoise_fn, x, t, sample_key, mean_type=mean_type,
-                                 var_type=var_type, clip_denoised=clip_denoised)
+    x_gen, _ = sampling.p_sample(
+      schedule, denoise_fn, x, t, sample_key, mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised
+    )
     # x_{n-1} of the known pixels: q(x_{n-1} | x0), i.e. code timestep n - 2; x0 itself when n - 1 = 0.
     t_prev = jnp.full((batch,), jnp.maximum(n - 2, 0), jnp.int32)
     x_known = diffusion.q_sample(schedule, x0, t_prev, jax.random.normal(known_key, x0.shape, x0.dtype))
@@ -149,8 +162,16 @@ def inpaint(schedule: Schedule, denoise_fn: DenoiseFn, x0: jax.Array, known: jax
   # alpha_bar_T = 4e-5 and the two hardly differ; for short schedules they do).
   noise_key, known_key = jax.random.split(init_key)
   x_init = jax.random.normal(noise_key, x0.shape, jnp.float32)
-  x_init = jnp.where(known, diffusion.q_sample(schedule, x0, jnp.full((batch,), schedule.num_timesteps - 1, jnp.int32),
-                                               jax.random.normal(known_key, x0.shape, x0.dtype)), x_init)
+  x_init = jnp.where(
+    known,
+    diffusion.q_sample(
+      schedule,
+      x0,
+      jnp.full((batch,), schedule.num_timesteps - 1, jnp.int32),
+      jax.random.normal(known_key, x0.shape, x0.dtype),
+    ),
+    x_init,
+  )
   x, _ = jax.lax.scan(body, x_init, (jnp.asarray(starts), jnp.asarray(going_up), keys))
   return x
 
@@ -170,8 +191,9 @@ class SDEditResult(NamedTuple):
   x_edit: jax.Array
 
 
-def sdedit(schedule: Schedule, denoise_fn: DenoiseFn, x0: jax.Array, t_start: int, key: jax.Array,
-           **sampler_kwargs: Any) -> SDEditResult:
+def sdedit(
+  schedule: Schedule, denoise_fn: DenoiseFn, x0: jax.Array, t_start: int, key: jax.Array, **sampler_kwargs: Any
+) -> SDEditResult:
   """Noises ``x0`` to x_{t_start} with q(x_t | x_0), then runs the ancestral sampler from ``t_start`` to 0.
 
   Args:
@@ -188,10 +210,12 @@ def sdedit(schedule: Schedule, denoise_fn: DenoiseFn, x0: jax.Array, t_start: in
   if not isinstance(t_start, (int, np.integer)) or not 0 <= t_start < schedule.num_timesteps:
     raise ValueError(f't_start must be an integer timestep in [0, {schedule.num_timesteps - 1}], got {t_start!r}.')
   noise_key, sample_key = jax.random.split(key)
-  x_t = diffusion.q_sample(schedule, x0, jnp.full((x0.shape[0],), t_start, jnp.int32),
-                           jax.random.normal(noise_key, x0.shape, x0.dtype))
-  x_edit = sampling.p_sample_loop(schedule, denoise_fn, x0.shape, sample_key, x_init=x_t, start_t=int(t_start),
-                                  **sampler_kwargs)
+  x_t = diffusion.q_sample(
+    schedule, x0, jnp.full((x0.shape[0],), t_start, jnp.int32), jax.random.normal(noise_key, x0.shape, x0.dtype)
+  )
+  x_edit = sampling.p_sample_loop(
+    schedule, denoise_fn, x0.shape, sample_key, x_init=x_t, start_t=int(t_start), **sampler_kwargs
+  )
   return SDEditResult(x_t=x_t, x_edit=x_edit)
 
 
@@ -211,14 +235,14 @@ def preset_mask(name: str, image_size: int) -> np.ndarray:
   if name == 'left':
     m[:, :h] = True
   elif name == 'right':
-    m[:, s - h:] = True
+    m[:, s - h :] = True
   elif name == 'top':
     m[:h] = True
   elif name == 'bottom':
-    m[s - h:] = True
+    m[s - h :] = True
   else:
     q = (s - h) // 2
-    m[q:q + h, q:q + h] = True
+    m[q : q + h, q : q + h] = True
   return m
 
 
@@ -232,6 +256,7 @@ def load_mask(spec: str, image_size: int) -> np.ndarray:
   if not os.path.isfile(spec):
     raise ValueError(f'--mask {spec!r} is neither a preset {MASK_PRESETS} nor an existing image file.')
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   with Image.open(spec) as im:
     im = im.convert('L')
     if im.size != (image_size, image_size):
@@ -275,18 +300,23 @@ class EditSpec:
       raise ValueError(f'--num_samples must be a positive integer, got {self.num_samples!r}.')
     if self.mode == 'inpaint':
       if not self.mask:
-        raise ValueError(f'--mode inpaint needs --mask: a preset {MASK_PRESETS} or a PNG whose white pixels mark '
-                         'the region to regenerate.')
+        raise ValueError(
+          f'--mode inpaint needs --mask: a preset {MASK_PRESETS} or a PNG whose white pixels mark '
+          'the region to regenerate.'
+        )
       if self.t_start is not None:
         raise ValueError('--t_start applies to --mode sdedit only; inpainting always starts from noise.')
       repaint_path(num_timesteps, jump_length=self.jump_length, jump_n_sample=self.jump_n_sample)
     else:
       if self.t_start is None:
-        raise ValueError(f'--mode sdedit needs --t_start in [0, {num_timesteps - 1}] (e.g. {num_timesteps // 2 - 1}:'
-                         ' lower keeps more of the input).')
+        raise ValueError(
+          f'--mode sdedit needs --t_start in [0, {num_timesteps - 1}] (e.g. {num_timesteps // 2 - 1}:'
+          ' lower keeps more of the input).'
+        )
       if not 0 <= self.t_start < num_timesteps:
-        raise ValueError(f'--t_start={self.t_start} must lie in [0, {num_timesteps - 1}] (code timesteps; paper '
-                         'time is t_start + 1).')
+        raise ValueError(
+          f'--t_start={self.t_start} must lie in [0, {num_timesteps - 1}] (code timesteps; paper time is t_start + 1).'
+        )
       if self.mask is not None or self.jump_length != 1 or self.jump_n_sample != 1:
         raise ValueError('--mask, --jump_length and --jump_n_sample apply to --mode inpaint only.')
 
@@ -299,17 +329,34 @@ def _write_settings(out_dir: str, settings: dict) -> None:
     with open(path) as f:
       old = json.load(f)
     if old != settings:
-      diff = {k: (old.get(k), settings.get(k)) for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)}
+      diff = {
+        k: (old.get(k), settings.get(k)) for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)
+      }
       raise ValueError(f'{out_dir!r} holds results of other settings {diff} (old, new); choose another --out.')
   with open(path + '.tmp', 'w') as f:
     json.dump(settings, f, indent=2, sort_keys=True)
   os.replace(path + '.tmp', path)
 
 
-def run(*, mode: str, out_dir: str, images: np.ndarray, workdir: str | None = None, pretrained: str | None = None,
-        step: int | None = None, mask: str | None = None, jump_length: int = 1, jump_n_sample: int = 1,
-        t_start: int | None = None, num_samples: int = 4, seed: int = 0, class_label: int | None = None,
-        guidance_scale: float = 0.0, source_name: str = '', loaded: Any = None) -> dict:
+def run(
+  *,
+  mode: str,
+  out_dir: str,
+  images: np.ndarray,
+  workdir: str | None = None,
+  pretrained: str | None = None,
+  step: int | None = None,
+  mask: str | None = None,
+  jump_length: int = 1,
+  jump_n_sample: int = 1,
+  t_start: int | None = None,
+  num_samples: int = 4,
+  seed: int = 0,
+  class_label: int | None = None,
+  guidance_scale: float = 0.0,
+  source_name: str = '',
+  loaded: Any = None,
+) -> dict:
   """What ``edit.py`` does: inpaint or SDEdit ``images`` with a model, writing PNGs and ``results.npz``.
 
   Every argument is checked before anything compiles. Result ``j`` of image ``i`` depends only on
@@ -331,7 +378,8 @@ def run(*, mode: str, out_dir: str, images: np.ndarray, workdir: str | None = No
     A summary dict: ``out_dir``, ``grid``, ``num_images``, ``num_samples``, ``network_calls_per_result`` and,
     for inpainting, ``known_pixels_max_abs_error`` (0 unless something is wrong).
   """
-  from ddpm_jax import image_grid, input_pipeline, pretrained as pretrained_lib, sample_lib  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from ddpm_jax import image_grid, input_pipeline, pretrained as pretrained_lib, sample_lib
 
   if not out_dir:
     raise ValueError('--out is required: the folder to write the results into.')
@@ -341,18 +389,27 @@ def run(*, mode: str, out_dir: str, images: np.ndarray, workdir: str | None = No
   if loaded is None:
     loaded = sample_lib.load_model(workdir=workdir, pretrained=pretrained, step=step)
   big_t = loaded.schedule.num_timesteps
-  spec = EditSpec(mode=mode, mask=mask, jump_length=jump_length, jump_n_sample=jump_n_sample, t_start=t_start,
-                  num_samples=num_samples, class_label=class_label, guidance_scale=guidance_scale)
+  spec = EditSpec(
+    mode=mode,
+    mask=mask,
+    jump_length=jump_length,
+    jump_n_sample=jump_n_sample,
+    t_start=t_start,
+    num_samples=num_samples,
+    class_label=class_label,
+    guidance_scale=guidance_scale,
+  )
   spec.validate(big_t)
   k = getattr(loaded.model, 'num_classes', 0)
   label = class_label if class_label is not None or not k else loaded.model.null_label()
   pretrained_lib.check_conditioning(loaded.model, label, guidance_scale)
   want = (loaded.image_size, loaded.image_size, loaded.in_channels)
   if images.shape[1:] != want:
-    raise ValueError(f'images are {images.shape[1:]} but the model takes {want}; resize them first '
-                     '(input_pipeline.load_image_file does).')
-  regenerate = (load_mask(mask, loaded.image_size) if mode == 'inpaint'
-                else np.zeros(want[:2] + (1,), bool))
+    raise ValueError(
+      f'images are {images.shape[1:]} but the model takes {want}; resize them first '
+      '(input_pipeline.load_image_file does).'
+    )
+  regenerate = load_mask(mask, loaded.image_size) if mode == 'inpaint' else np.zeros(want[:2] + (1,), bool)
 
   n, s = len(images), spec.num_samples
   x0 = jnp.asarray(input_pipeline.to_model_range(images))
@@ -361,16 +418,30 @@ def run(*, mode: str, out_dir: str, images: np.ndarray, workdir: str | None = No
 
   # Before any compilation: a folder of other results is refused, never overwritten.
   os.makedirs(out_dir, exist_ok=True)
-  settings = dict(spec=dataclasses.asdict(spec), seed=seed, model=loaded.source, images=source_name,
-                  num_images=n, sample_kwargs=sample_kwargs)
+  settings = dict(
+    spec=dataclasses.asdict(spec),
+    seed=seed,
+    model=loaded.source,
+    images=source_name,
+    num_images=n,
+    sample_kwargs=sample_kwargs,
+  )
   _write_settings(out_dir, settings)
 
   def edit_one(params, x, key):
     """One result and what the grid shows beside the input (the masked input, or x_t)."""
     denoise_fn = loaded.denoise_fn(params, class_label=label, guidance_scale=guidance_scale)
     if mode == 'inpaint':
-      result = inpaint(loaded.schedule, denoise_fn, x[None], known[None], key, jump_length=jump_length,
-                       jump_n_sample=jump_n_sample, **sample_kwargs)[0]
+      result = inpaint(
+        loaded.schedule,
+        denoise_fn,
+        x[None],
+        known[None],
+        key,
+        jump_length=jump_length,
+        jump_n_sample=jump_n_sample,
+        **sample_kwargs,
+      )[0]
       return result, jnp.where(known, x, 0.0)  # grey where the model fills in
     res = sdedit(loaded.schedule, denoise_fn, x[None], int(t_start), key, **sample_kwargs)
     return res.x_edit[0], res.x_t[0]
@@ -385,10 +456,11 @@ def run(*, mode: str, out_dir: str, images: np.ndarray, workdir: str | None = No
 
   for i in range(n):
     for j in range(s):
-      image_grid.save_png(os.path.join(out_dir, f'result_{i:03d}_{j:02d}.png'), results[i, j:j + 1], padding=0)
+      image_grid.save_png(os.path.join(out_dir, f'result_{i:03d}_{j:02d}.png'), results[i, j : j + 1], padding=0)
   rows = np.concatenate([images[:, None], shown[:, None], results], axis=1).reshape((-1,) + want)
-  grid = image_grid.save_png(os.path.join(out_dir, 'grid.png'), rows, ncols=s + 2,
-                             scale=max(1, 64 // loaded.image_size))
+  grid = image_grid.save_png(
+    os.path.join(out_dir, 'grid.png'), rows, ncols=s + 2, scale=max(1, 64 // loaded.image_size)
+  )
   tmp = os.path.join(out_dir, 'results.tmp.npz')
   np.savez(tmp, inputs=images, results=results, regenerate=np.broadcast_to(regenerate, want))
   os.replace(tmp, os.path.join(out_dir, 'results.npz'))
@@ -404,14 +476,24 @@ def run(*, mode: str, out_dir: str, images: np.ndarray, workdir: str | None = No
   return summary
 
 
-def load_images(*, image: str | None, dataset: str | None, image_size: int, channels: int, num_images: int,
-                split: str = 'test', folder: str = '', data_dir: str = '') -> tuple[np.ndarray, str]:
+def load_images(
+  *,
+  image: str | None,
+  dataset: str | None,
+  image_size: int,
+  channels: int,
+  num_images: int,
+  split: str = 'test',
+  folder: str = '',
+  data_dir: str = '',
+) -> tuple[np.ndarray, str]:
   """The inputs of ``edit.py``: one image file, or the first ``num_images`` of a dataset split.
 
   Returns:
     ``(uint8 [N, S, S, C], a description for edit.json)``.
   """
   from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
   if (image is None) == (dataset is None):
     raise ValueError('Pass exactly one of --image (a PNG/JPEG file) and --dataset (digits, cifar10, folder, ...).')
   if image is not None:
@@ -420,8 +502,16 @@ def load_images(*, image: str | None, dataset: str | None, image_size: int, chan
     return input_pipeline.load_image_file(image, image_size, channels)[None], image
   if num_images < 1:
     raise ValueError(f'--num_images must be positive, got {num_images}.')
-  batch = next(input_pipeline.eval_images(dataset, split=split, image_size=image_size, channels=channels,
-                                          batch_size=num_images, folder=folder, data_dir=data_dir,
-                                          num_images=num_images))
+  batch = next(
+    input_pipeline.eval_images(
+      dataset,
+      split=split,
+      image_size=image_size,
+      channels=channels,
+      batch_size=num_images,
+      folder=folder,
+      data_dir=data_dir,
+      num_images=num_images,
+    )
+  )
   return batch, f'{dataset} {split} first {len(batch)}'
-

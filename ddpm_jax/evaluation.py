@@ -446,9 +446,20 @@ class BpdSummary(NamedTuple):
   mse: np.ndarray
 
 
-def bpd_over_dataset(model: Any, params: Any, schedule: Any, batches: Iterable[np.ndarray], *, seed: int = 0,
-                     mean_type: str = 'eps', var_type: str = 'fixedlarge', clip_denoised: bool = True,
-                     devices: Any = None, num_images: int | None = None, progress: bool = True) -> BpdSummary:
+def bpd_over_dataset(
+  model: Any,
+  params: Any,
+  schedule: Any,
+  batches: Iterable[np.ndarray],
+  *,
+  seed: int = 0,
+  mean_type: str = 'eps',
+  var_type: str = 'fixedlarge',
+  clip_denoised: bool = True,
+  devices: Any = None,
+  num_images: int | None = None,
+  progress: bool = True,
+) -> BpdSummary:
   """Bits/dim of uint8 images under the model, with ``diffusion.calc_bpd_loop`` over all T steps.
 
   The protocol of the paper's NLL: EMA parameters (pass them), no dropout, ``clip_denoised=True``, data
@@ -478,11 +489,19 @@ def bpd_over_dataset(model: Any, params: Any, schedule: Any, batches: Iterable[n
 
   def one(p, x0, index):
     # A class-conditional model is scored with its null class: the unconditional bound.
-    null = (lambda x: (jnp.full((x.shape[0],), model.null_label()),)) if getattr(model, 'num_classes', 0) else (
-        lambda x: ())
+    null = (
+      (lambda x: (jnp.full((x.shape[0],), model.null_label()),)) if getattr(model, 'num_classes', 0) else (lambda x: ())
+    )
     denoise_fn = lambda x, t: model.apply({'params': p}, x, t, *null(x), train=False)
-    res = diffusion.calc_bpd_loop(schedule, denoise_fn, x0[None], jax.random.fold_in(root, index),
-                                  mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
+    res = diffusion.calc_bpd_loop(
+      schedule,
+      denoise_fn,
+      x0[None],
+      jax.random.fold_in(root, index),
+      mean_type=mean_type,
+      var_type=var_type,
+      clip_denoised=clip_denoised,
+    )
     return jax.tree.map(lambda a: a[0], res)
 
   run = data_parallel.map_over_devices(jax.vmap(one, in_axes=(None, 0, 0)), devices)
@@ -509,17 +528,28 @@ def bpd_over_dataset(model: Any, params: Any, schedule: Any, batches: Iterable[n
   bar.close()
   if not count:
     raise ValueError('bpd_over_dataset got no images.')
-  return BpdSummary(total_bpd=total / count, num_images=count, terms_bpd=terms / count, prior_bpd=prior / count,
-                    mse=mse / count)
+  return BpdSummary(
+    total_bpd=total / count, num_images=count, terms_bpd=terms / count, prior_bpd=prior / count, mse=mse / count
+  )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The evaluate.py command
 
 
-def run_fid(*, samples_dir: str, inception_weights: str | None, ref_stats: str, ref_dataset: str = 'cifar10',
-            ref_split: str = 'train', ref_folder: str = '', data_dir: str = '', batch_size: int = 200,
-            num_splits: int = 10, progress: bool = True) -> dict[str, float]:
+def run_fid(
+  *,
+  samples_dir: str,
+  inception_weights: str | None,
+  ref_stats: str,
+  ref_dataset: str = 'cifar10',
+  ref_split: str = 'train',
+  ref_folder: str = '',
+  data_dir: str = '',
+  batch_size: int = 200,
+  num_splits: int = 10,
+  progress: bool = True,
+) -> dict[str, float]:
   """FID and IS of a ``sample.py`` folder against cached (or freshly computed) reference statistics.
 
   The paper's protocol: 50,000 EMA samples against all 50,000 CIFAR-10 training images, IS over 10 splits.
@@ -544,19 +574,26 @@ def run_fid(*, samples_dir: str, inception_weights: str | None, ref_stats: str, 
     inception_weights = inception_lib.fetch_inception_weights()
   if not os.path.isfile(inception_weights):
     raise FileNotFoundError(
-        f'Inception weights {inception_weights!r} not found. Download pytorch-fid\'s '
-        f'pt_inception-2015-12-05-6726825d.pth (see ddpm_jax.inception.fetch_inception_weights) and pass its path.')
+      f"Inception weights {inception_weights!r} not found. Download pytorch-fid's "
+      f'pt_inception-2015-12-05-6726825d.pth (see ddpm_jax.inception.fetch_inception_weights) and pass its path.'
+    )
   samples = sample_lib.load_samples(samples_dir)
   if samples.shape[-1] != 3:
     raise ValueError(f'FID needs RGB samples; {samples_dir!r} holds images of shape {samples.shape[1:]}.')
   feature_fn = make_feature_fn(inception_lib.load_inception_params(inception_weights), batch_size)
   if not os.path.exists(ref_stats):
     dataset = 'folder' if ref_folder else ref_dataset
-    batches = input_pipeline.eval_images(dataset, split=ref_split, image_size=samples.shape[1], channels=3,
-                                         batch_size=batch_size, folder=ref_folder, data_dir=data_dir)
+    batches = input_pipeline.eval_images(
+      dataset,
+      split=ref_split,
+      image_size=samples.shape[1],
+      channels=3,
+      batch_size=batch_size,
+      folder=ref_folder,
+      data_dir=data_dir,
+    )
     source = f'folder:{ref_folder}' if ref_folder else f'tfds:{ref_dataset}/{ref_split}'
-    reference = reference_stats_from_images(batches, feature_fn, ref_stats, meta={'source': source},
-                                            progress=progress)
+    reference = reference_stats_from_images(batches, feature_fn, ref_stats, meta={'source': source}, progress=progress)
   else:
     reference = load_reference_stats(ref_stats)
   result = fid_from_samples(samples, feature_fn, reference, num_splits=num_splits, progress=progress)
@@ -564,9 +601,20 @@ def run_fid(*, samples_dir: str, inception_weights: str | None, ref_stats: str, 
   return result
 
 
-def run_bpd(*, workdir: str | None, pretrained: str | None, dataset: str, split: str = 'test', step: int | None = None,
-            folder: str = '', data_dir: str = '', batch_size: int = 200, num_images: int | None = None,
-            seed: int = 0, progress: bool = True) -> dict[str, Any]:
+def run_bpd(
+  *,
+  workdir: str | None,
+  pretrained: str | None,
+  dataset: str,
+  split: str = 'test',
+  step: int | None = None,
+  folder: str = '',
+  data_dir: str = '',
+  batch_size: int = 200,
+  num_images: int | None = None,
+  seed: int = 0,
+  progress: bool = True,
+) -> dict[str, Any]:
   """Bits/dim of a data split under a run's EMA weights (or a released model): the paper's NLL.
 
   Returns:
@@ -575,15 +623,37 @@ def run_bpd(*, workdir: str | None, pretrained: str | None, dataset: str, split:
   from ddpm_jax import sample_lib  # pylint: disable=g-import-not-at-top
 
   loaded = sample_lib.load_model(workdir=workdir, pretrained=pretrained, step=step)
-  batches = input_pipeline.eval_images(dataset, split=split, image_size=loaded.image_size,
-                                       channels=loaded.in_channels, batch_size=batch_size, folder=folder,
-                                       data_dir=data_dir, num_images=num_images)
-  summary = bpd_over_dataset(loaded.model, loaded.params, loaded.schedule, batches, seed=seed,
-                             mean_type=loaded.mean_type, var_type=loaded.var_type, clip_denoised=True,
-                             num_images=num_images, progress=progress)
-  return dict(bpd=summary.total_bpd, num_images=summary.num_images, prior_bpd=summary.prior_bpd,
-              decoder_bpd=float(summary.terms_bpd[0]), terms_bpd=summary.terms_bpd.tolist(),
-              mse=summary.mse.tolist(), source=loaded.source)
+  batches = input_pipeline.eval_images(
+    dataset,
+    split=split,
+    image_size=loaded.image_size,
+    channels=loaded.in_channels,
+    batch_size=batch_size,
+    folder=folder,
+    data_dir=data_dir,
+    num_images=num_images,
+  )
+  summary = bpd_over_dataset(
+    loaded.model,
+    loaded.params,
+    loaded.schedule,
+    batches,
+    seed=seed,
+    mean_type=loaded.mean_type,
+    var_type=loaded.var_type,
+    clip_denoised=True,
+    num_images=num_images,
+    progress=progress,
+  )
+  return dict(
+    bpd=summary.total_bpd,
+    num_images=summary.num_images,
+    prior_bpd=summary.prior_bpd,
+    decoder_bpd=float(summary.terms_bpd[0]),
+    terms_bpd=summary.terms_bpd.tolist(),
+    mse=summary.mse.tolist(),
+    source=loaded.source,
+  )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -623,14 +693,24 @@ def class_accuracy(images: np.ndarray, labels: np.ndarray, classifier: Any) -> t
   if images.dtype != np.uint8 or images.shape[1:] != (8, 8, 1):
     raise ValueError(f'class_accuracy scores 8x8 grey uint8 digits; got {images.dtype} {images.shape[1:]}.')
   hits = classifier.predict(images.reshape(len(images), 64).astype(np.float64) / 255.0) == labels
-  per_class = np.array([np.mean(hits[labels == k]) if np.any(labels == k) else np.nan
-                        for k in range(int(labels.max()) + 1)])
+  per_class = np.array(
+    [np.mean(hits[labels == k]) if np.any(labels == k) else np.nan for k in range(int(labels.max()) + 1)]
+  )
   return float(np.mean(hits)), per_class
 
 
-def run_class_accuracy(*, workdir: str, guidance_scales: Iterable[float], num_samples: int = 500,
-                       batch_size: int = 250, sampler: str = 'ancestral', steps: int | None = None,
-                       seed: int = 0, step: int | None = None, progress: bool = True) -> dict[str, Any]:
+def run_class_accuracy(
+  *,
+  workdir: str,
+  guidance_scales: Iterable[float],
+  num_samples: int = 500,
+  batch_size: int = 250,
+  sampler: str = 'ancestral',
+  steps: int | None = None,
+  seed: int = 0,
+  step: int | None = None,
+  progress: bool = True,
+) -> dict[str, Any]:
   """Samples a class-conditional digits run at several guidance scales and scores the classes with an SVM.
 
   Image i asks for class i mod 10 (the same images' noise for every scale, so scales are compared on equal
@@ -649,18 +729,27 @@ def run_class_accuracy(*, workdir: str, guidance_scales: Iterable[float], num_sa
     raise ValueError(f'num_samples and batch_size must be positive, got {num_samples} and {batch_size}.')
   loaded = sample_lib.load_model(workdir=workdir, step=step)
   if not getattr(loaded.model, 'num_classes', 0):
-    raise ValueError(f'{workdir!r} holds an unconditional model (model.num_classes=0); class accuracy needs a '
-                     'class-conditional run such as configs/digits_cond.py.')
+    raise ValueError(
+      f'{workdir!r} holds an unconditional model (model.num_classes=0); class accuracy needs a '
+      'class-conditional run such as configs/digits_cond.py.'
+    )
   if (loaded.image_size, loaded.in_channels) != (8, 1):
-    raise ValueError(f'The digits classifier scores 8x8 grey images; {workdir!r} makes '
-                     f'{loaded.image_size}x{loaded.image_size}x{loaded.in_channels}.')
+    raise ValueError(
+      f'The digits classifier scores 8x8 grey images; {workdir!r} makes '
+      f'{loaded.image_size}x{loaded.image_size}x{loaded.in_channels}.'
+    )
   clf, real_acc = digits_classifier()
   results = []
   for w in scales:
-    spec = sample_lib.SamplerSpec(name=sampler, steps=steps, var_type=loaded.var_type, mean_type=loaded.mean_type,
-                                  clip_denoised=loaded.clip_denoised, guidance_scale=w)
-    batch_sampler = sample_lib.BatchSampler(loaded.model, loaded.params, loaded.schedule, spec, (8, 8, 1),
-                                            seed=seed)
+    spec = sample_lib.SamplerSpec(
+      name=sampler,
+      steps=steps,
+      var_type=loaded.var_type,
+      mean_type=loaded.mean_type,
+      clip_denoised=loaded.clip_denoised,
+      guidance_scale=w,
+    )
+    batch_sampler = sample_lib.BatchSampler(loaded.model, loaded.params, loaded.schedule, spec, (8, 8, 1), seed=seed)
     images, labels = [], []
     for start in tqdm(range(0, num_samples, batch_size), desc=f'w={w:g}', disable=not progress):
       idx = np.arange(start, min(start + batch_size, num_samples))
@@ -668,5 +757,10 @@ def run_class_accuracy(*, workdir: str, guidance_scales: Iterable[float], num_sa
       labels.append(batch_sampler.labels(idx))
     acc, per_class = class_accuracy(np.concatenate(images), np.concatenate(labels), clf)
     results.append(dict(guidance_scale=w, accuracy=acc, per_class=per_class.tolist()))
-  return dict(classifier_accuracy_on_real_digits=real_acc, num_samples=num_samples, sampler=sampler,
-              results=results, source=loaded.source)
+  return dict(
+    classifier_accuracy_on_real_digits=real_acc,
+    num_samples=num_samples,
+    sampler=sampler,
+    results=results,
+    source=loaded.source,
+  )

@@ -30,8 +30,9 @@ def _check_timestep(schedule: Schedule, t: int, what: str = 't') -> None:
     raise ValueError(f'{what} must be an integer timestep in [0, {schedule.num_timesteps - 1}], got {t!r}.')
 
 
-def forward_noising(schedule: Schedule, x0: jax.Array, key: jax.Array,
-                    timesteps: Sequence[int] = (0, 200, 400, 600, 800, 999)) -> jax.Array:
+def forward_noising(
+  schedule: Schedule, x0: jax.Array, key: jax.Array, timesteps: Sequence[int] = (0, 200, 400, 600, 800, 999)
+) -> jax.Array:
   """Samples of q(x_t | x_0) for each t, with one noise draw shared across t (so rows are comparable).
 
   Args:
@@ -46,12 +47,18 @@ def forward_noising(schedule: Schedule, x0: jax.Array, key: jax.Array,
   for t in timesteps:
     _check_timestep(schedule, t, 'each timestep')
   noise = jax.random.normal(key, x0.shape, x0.dtype)
-  return jnp.stack([
-      diffusion.q_sample(schedule, x0, jnp.full((x0.shape[0],), t, jnp.int32), noise) for t in timesteps])
+  return jnp.stack([diffusion.q_sample(schedule, x0, jnp.full((x0.shape[0],), t, jnp.int32), noise) for t in timesteps])
 
 
-def progressive_generation(schedule: Schedule, denoise_fn: DenoiseFn, shape: Sequence[int], key: jax.Array,
-                           *, num_snapshots: int = 10, **sampler_kwargs) -> sampling.SampleTrace:
+def progressive_generation(
+  schedule: Schedule,
+  denoise_fn: DenoiseFn,
+  shape: Sequence[int],
+  key: jax.Array,
+  *,
+  num_snapshots: int = 10,
+  **sampler_kwargs,
+) -> sampling.SampleTrace:
   """The reverse chain's state x_t and x_0 estimate at ``num_snapshots`` evenly spaced t (paper Fig. 6).
 
   Args:
@@ -67,8 +74,9 @@ def progressive_generation(schedule: Schedule, denoise_fn: DenoiseFn, shape: Seq
   """
   if num_snapshots < 1 or schedule.num_timesteps % num_snapshots:
     raise ValueError(f'num_snapshots must divide T = {schedule.num_timesteps}, got {num_snapshots}.')
-  _, trace = sampling.p_sample_loop(schedule, denoise_fn, shape, key,
-                                    trace_every=schedule.num_timesteps // num_snapshots, **sampler_kwargs)
+  _, trace = sampling.p_sample_loop(
+    schedule, denoise_fn, shape, key, trace_every=schedule.num_timesteps // num_snapshots, **sampler_kwargs
+  )
   return trace
 
 
@@ -88,8 +96,9 @@ class Reconstruction(NamedTuple):
   rmse_255: jax.Array
 
 
-def reconstruct(schedule: Schedule, denoise_fn: DenoiseFn, x0: jax.Array, t: int, key: jax.Array,
-                **sampler_kwargs) -> Reconstruction:
+def reconstruct(
+  schedule: Schedule, denoise_fn: DenoiseFn, x0: jax.Array, t: int, key: jax.Array, **sampler_kwargs
+) -> Reconstruction:
   """Noises ``x0`` to x_t with q, then runs the reverse chain from t to 0.
 
   Args:
@@ -111,9 +120,16 @@ def reconstruct(schedule: Schedule, denoise_fn: DenoiseFn, x0: jax.Array, t: int
   return Reconstruction(x_t=x_t, x_rec=x_rec, l2=l2, rmse_255=rmse)
 
 
-def interpolate(schedule: Schedule, denoise_fn: DenoiseFn, x0_a: jax.Array, x0_b: jax.Array, t: int,
-                key: jax.Array, lambdas: Sequence[float] = tuple(np.linspace(0, 1, 11)),
-                **sampler_kwargs) -> jax.Array:
+def interpolate(
+  schedule: Schedule,
+  denoise_fn: DenoiseFn,
+  x0_a: jax.Array,
+  x0_b: jax.Array,
+  t: int,
+  key: jax.Array,
+  lambdas: Sequence[float] = tuple(np.linspace(0, 1, 11)),
+  **sampler_kwargs,
+) -> jax.Array:
   """Interpolates in x_t and denoises (paper Fig. 8): x_t = (1 - lam) x_t^a + lam x_t^b, then t -> 0.
 
   The forward noise of each source image and the reverse-process noise are fixed across lambdas, as in
@@ -142,8 +158,9 @@ def interpolate(schedule: Schedule, denoise_fn: DenoiseFn, x0_a: jax.Array, x0_b
 
   def decode(lam):
     x_t = (1.0 - lam) * xt_a + lam * xt_b
-    return sampling.p_sample_loop(schedule, denoise_fn, x0_a.shape, sample_key, x_init=x_t, start_t=int(t),
-                                  **sampler_kwargs)
+    return sampling.p_sample_loop(
+      schedule, denoise_fn, x0_a.shape, sample_key, x_init=x_t, start_t=int(t), **sampler_kwargs
+    )
 
   return jax.lax.map(decode, jnp.asarray(lambdas, jnp.float32))
 
@@ -190,13 +207,24 @@ FIGURES = ('forward', 'progressive', 'reconstruct', 'interpolate', 'rate_distort
 def _grid_png(path: str, rows: np.ndarray, *, scale: int) -> str:
   """Saves [R, C, H, W, ch] images in [-1, 1] as a grid with R rows and C columns."""
   from ddpm_jax import image_grid, input_pipeline  # pylint: disable=g-import-not-at-top
+
   r, c = rows.shape[:2]
   images = input_pipeline.to_uint8(np.asarray(rows).reshape((r * c,) + rows.shape[2:]))
   return image_grid.save_png(path, images, ncols=c, scale=scale)
 
 
-def make_figure(name: str, *, model: Any, params: Any, schedule: Schedule, images: np.ndarray, out: str,
-                key: jax.Array, sample_kwargs: dict, num_images: int = 8) -> dict:
+def make_figure(
+  name: str,
+  *,
+  model: Any,
+  params: Any,
+  schedule: Schedule,
+  images: np.ndarray,
+  out: str,
+  key: jax.Array,
+  sample_kwargs: dict,
+  num_images: int = 8,
+) -> dict:
   """Computes one of :data:`FIGURES` for a model and writes it as PNG to ``out``.
 
   Args:
@@ -217,8 +245,9 @@ def make_figure(name: str, *, model: Any, params: Any, schedule: Schedule, image
   if name not in FIGURES:
     raise ValueError(f'Unknown figure {name!r}; choose one of {FIGURES}.')
   # A class-conditional model draws the figures with its null class (unconditionally).
-  null = (lambda x: (jnp.full((x.shape[0],), model.null_label()),)) if getattr(model, 'num_classes', 0) else (
-      lambda x: ())
+  null = (
+    (lambda x: (jnp.full((x.shape[0],), model.null_label()),)) if getattr(model, 'num_classes', 0) else (lambda x: ())
+  )
   denoise_fn = lambda x, t: model.apply({'params': params}, x, t, *null(x), train=False)
   x0 = jnp.asarray(input_pipeline.to_model_range(np.asarray(images[:num_images])))
   size = x0.shape[1]
@@ -231,8 +260,9 @@ def make_figure(name: str, *, model: Any, params: Any, schedule: Schedule, image
     info['timesteps'] = ts
     path = _grid_png(out, np.asarray(rows), scale=scale)
   elif name == 'progressive':
-    trace = jax.jit(lambda k: progressive_generation(schedule, denoise_fn, x0.shape, k, num_snapshots=10,
-                                                     **sample_kwargs))(key)
+    trace = jax.jit(
+      lambda k: progressive_generation(schedule, denoise_fn, x0.shape, k, num_snapshots=10, **sample_kwargs)
+    )(key)
     # Top half: x_t along the chain; bottom half: the network's x0 estimate at the same steps (paper Fig. 6).
     rows = np.concatenate([np.swapaxes(np.asarray(trace.x), 0, 1), np.swapaxes(np.asarray(trace.pred_xstart), 0, 1)])
     info['timesteps'] = np.asarray(trace.t).tolist()
@@ -248,23 +278,34 @@ def make_figure(name: str, *, model: Any, params: Any, schedule: Schedule, image
     path = _grid_png(out, np.stack([np.asarray(c) for c in columns], axis=1), scale=scale)
   elif name == 'interpolate':
     half = max(1, x0.shape[0] // 2)
-    a, b = x0[:half], x0[half:2 * half]
+    a, b = x0[:half], x0[half : 2 * half]
     if b.shape[0] != a.shape[0]:
       raise ValueError('interpolate needs at least 2 images.')
     lambdas = np.linspace(0, 1, 9)
     t = big_t // 2 - 1
     mixed = jax.jit(lambda k: interpolate(schedule, denoise_fn, a, b, t, k, lambdas=lambdas, **sample_kwargs))(key)
-    rows = np.concatenate([np.asarray(a)[:, None], np.swapaxes(np.asarray(mixed), 0, 1), np.asarray(b)[:, None]],
-                          axis=1)
+    rows = np.concatenate(
+      [np.asarray(a)[:, None], np.swapaxes(np.asarray(mixed), 0, 1), np.asarray(b)[:, None]], axis=1
+    )
     info.update(t=t + 1, lambdas=lambdas.tolist())
     path = _grid_png(out, rows, scale=scale)
   else:  # rate_distortion
-    res = jax.jit(lambda x, k: diffusion.calc_bpd_loop(
-        schedule, denoise_fn, x, k, mean_type=sample_kwargs.get('mean_type', 'eps'),
-        var_type=sample_kwargs.get('var_type', 'fixedlarge')))(x0, key)
+    res = jax.jit(
+      lambda x, k: diffusion.calc_bpd_loop(
+        schedule,
+        denoise_fn,
+        x,
+        k,
+        mean_type=sample_kwargs.get('mean_type', 'eps'),
+        var_type=sample_kwargs.get('var_type', 'fixedlarge'),
+      )
+    )(x0, key)
     rd = rate_distortion(res)
-    info.update(total_bpd=float(jnp.mean(res.total_bpd)), rate_bpd=float(rd.rate_bpd[0]),
-                distortion_rmse_t0=float(rd.distortion_rmse[0]))
+    info.update(
+      total_bpd=float(jnp.mean(res.total_bpd)),
+      rate_bpd=float(rd.rate_bpd[0]),
+      distortion_rmse_t0=float(rd.distortion_rmse[0]),
+    )
     path = _plot_rate_distortion(out, rd, num_images=int(x0.shape[0]))
   info['path'] = path
   return info
@@ -272,8 +313,10 @@ def make_figure(name: str, *, model: Any, params: Any, schedule: Schedule, image
 
 def _plot_rate_distortion(path: str, rd: RateDistortion, *, num_images: int) -> str:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   big_t = len(rd.rate_bpd)
   steps = big_t - np.arange(big_t)  # reverse-process steps taken to reach t
   fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))

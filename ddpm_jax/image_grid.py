@@ -23,7 +23,7 @@ def make_grid(images: np.ndarray, *, ncols: int | None = None, padding: int = 2,
   for i in range(n):
     r, col = divmod(i, ncols)
     y, x = padding + r * (h + padding), padding + col * (w + padding)
-    grid[y:y + h, x:x + w] = images[i]
+    grid[y : y + h, x : x + w] = images[i]
   return grid
 
 
@@ -50,6 +50,7 @@ def rows_by_class(images: np.ndarray, labels: np.ndarray, pad_value: int = 255) 
 def save_png(path: str, images: np.ndarray, *, ncols: int | None = None, scale: int = 1, padding: int = 2) -> str:
   """Saves uint8 images [N, H, W, C] as a PNG grid (each pixel repeated ``scale`` times); returns the path."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   grid = make_grid(images, ncols=ncols, padding=padding)
   if scale > 1:
     grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)

@@ -138,9 +138,7 @@ class BasicConv2d(nn.Module):
     return nn.relu(x)
 
 
-def _conv(
-  features: int, k: int | tuple[int, int], stride: int = 1, pad: int | tuple[int, int] = 0, *, name: str
-):
+def _conv(features: int, k: int | tuple[int, int], stride: int = 1, pad: int | tuple[int, int] = 0, *, name: str):
   kh, kw = (k, k) if isinstance(k, int) else k
   ph, pw = (pad, pad) if isinstance(pad, int) else pad
   return BasicConv2d(features, (kh, kw), (stride, stride), ((ph, ph), (pw, pw)), name=name)
@@ -300,9 +298,7 @@ def variable_shapes(model: InceptionV3 | None = None) -> dict[str, tuple[int, ..
 
 @functools.lru_cache(maxsize=4)
 def _variable_shapes(model: InceptionV3) -> tuple[tuple[str, tuple[int, ...]], ...]:
-  abstract = jax.eval_shape(
-    model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 299, 299, 3), jnp.float32)
-  )
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 299, 299, 3), jnp.float32))
   return tuple((k, tuple(v.shape)) for k, v in flatten_variables(abstract).items())
 
 
@@ -462,9 +458,7 @@ def fetch_inception_weights(dest: str | os.PathLike | None = None, url: str = PY
     with open(tmp, 'rb') as f:
       digest = hashlib.sha256(f.read()).hexdigest()
     if not digest.startswith(_PYTORCH_FID_SHA256_PREFIX):
-      raise RuntimeError(
-        f'downloaded {url} has sha256 {digest}, expected prefix {_PYTORCH_FID_SHA256_PREFIX}'
-      )
+      raise RuntimeError(f'downloaded {url} has sha256 {digest}, expected prefix {_PYTORCH_FID_SHA256_PREFIX}')
     os.replace(tmp, dest)
   except (urllib.error.URLError, OSError) as e:
     raise RuntimeError(

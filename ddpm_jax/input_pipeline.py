@@ -25,11 +25,11 @@ import numpy as np
 
 # Datasets this module knows: name -> (tfds name or None, natural channels).
 TFDS_DATASETS = {
-    'cifar10': 'cifar10',
-    'celeb_a_hq/256': 'celeb_a_hq/256',
-    'lsun/church_outdoor': 'lsun/church_outdoor',
-    'lsun/bedroom': 'lsun/bedroom',
-    'lsun/cat': 'lsun/cat',
+  'cifar10': 'cifar10',
+  'celeb_a_hq/256': 'celeb_a_hq/256',
+  'lsun/church_outdoor': 'lsun/church_outdoor',
+  'lsun/bedroom': 'lsun/bedroom',
+  'lsun/cat': 'lsun/cat',
 }
 DATASETS = tuple(TFDS_DATASETS) + ('digits', 'folder')
 # Datasets with class labels (for class-conditional training) and their number of classes; a folder's classes
@@ -41,6 +41,7 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 # ------------------------------------------------------------------------------------------------------------------
 # Pixel ranges
 # ------------------------------------------------------------------------------------------------------------------
+
 
 def to_model_range(images: np.ndarray) -> np.ndarray:
   """uint8 images {0..255} -> float32 in [-1, 1], x / 127.5 - 1 (the paper's scaling, REFERENCE §1)."""
@@ -74,9 +75,11 @@ def to_uint8(x) -> np.ndarray:
 # Sources -> uint8 arrays
 # ------------------------------------------------------------------------------------------------------------------
 
+
 def hide_accelerators_from_tf():
   """Imports TensorFlow with no GPU/TPU visible to it (tf.data and summaries only); returns the module."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   tf.config.set_visible_devices([], 'GPU')
   try:
     tf.config.set_visible_devices([], 'TPU')
@@ -88,16 +91,18 @@ def hide_accelerators_from_tf():
 def _resize_uint8(image: np.ndarray, image_size: int, channels: int) -> np.ndarray:
   """Center-crops to a square and resizes with PIL (bicubic; box when shrinking a lot), to [S, S, channels]."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   if image.ndim == 2:
     image = image[..., None]
   h, w = image.shape[:2]
   if (h, w) != (image_size, image_size):
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
-    image = image[top:top + s, left:left + s]
+    image = image[top : top + s, left : left + s]
     mode_image = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    mode_image = mode_image.resize((image_size, image_size), Image.Resampling.BICUBIC,
-                                   reducing_gap=None if s <= 2 * image_size else 2.0)
+    mode_image = mode_image.resize(
+      (image_size, image_size), Image.Resampling.BICUBIC, reducing_gap=None if s <= 2 * image_size else 2.0
+    )
     image = np.asarray(mode_image)
     if image.ndim == 2:
       image = image[..., None]
@@ -124,6 +129,7 @@ def load_digits(image_size: int = 8) -> np.ndarray:
   Levels are mapped to 0..255 with round(v * 255 / 16); for image_size > 8 images are upscaled bicubically.
   """
   from sklearn.datasets import load_digits as _load  # pylint: disable=g-import-not-at-top
+
   raw = _load().images  # [1797, 8, 8] float64 in 0..16
   images = np.round(raw * (255.0 / 16.0)).astype(np.uint8)[..., None]
   if image_size != 8:
@@ -134,13 +140,17 @@ def load_digits(image_size: int = 8) -> np.ndarray:
 def load_digits_labels() -> np.ndarray:
   """The class (0..9) of each of scikit-learn's digits, int32 [1797], in `load_digits` order."""
   from sklearn.datasets import load_digits as _load  # pylint: disable=g-import-not-at-top
+
   return _load().target.astype(np.int32)
 
 
 def folder_classes(folder: str) -> list[str]:
   """Class names of a labelled image folder: its immediate sub-folders that hold images, sorted."""
-  return sorted(d for d in os.listdir(folder)
-                if os.path.isdir(os.path.join(folder, d)) and list_image_files(os.path.join(folder, d)))
+  return sorted(
+    d
+    for d in os.listdir(folder)
+    if os.path.isdir(os.path.join(folder, d)) and list_image_files(os.path.join(folder, d))
+  )
 
 
 def list_image_files(folder: str) -> list[str]:
@@ -164,6 +174,7 @@ def load_folder(folder: str, image_size: int, channels: int = 3) -> np.ndarray:
 def load_image_file(path: str, image_size: int, channels: int = 3) -> np.ndarray:
   """One PNG/JPEG file, converted to grey or RGB, center-cropped and resized, as uint8 [S, S, channels]."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   with Image.open(path) as im:
     im = im.convert('L' if channels == 1 else 'RGB')
     return _resize_uint8(np.asarray(im), image_size, channels)
@@ -177,29 +188,36 @@ def load_folder_labeled(folder: str, image_size: int, channels: int = 3) -> tupl
   """
   classes = folder_classes(folder)
   if not classes:
-    raise ValueError(f'{folder!r} has no sub-folders with images; class-conditional training on a folder needs '
-                     'one sub-folder per class (folder/<class name>/*.png).')
+    raise ValueError(
+      f'{folder!r} has no sub-folders with images; class-conditional training on a folder needs '
+      'one sub-folder per class (folder/<class name>/*.png).'
+    )
   images = load_folder(folder, image_size, channels)
   paths = list_image_files(folder)
   top = [os.path.relpath(p, folder).split(os.sep)[0] for p in paths]
   stray = [p for p, t in zip(paths, top) if t not in classes]
   if stray:
-    raise ValueError(f'{len(stray)} images of {folder!r} lie outside the class sub-folders (e.g. {stray[0]!r}); '
-                     'move them into a class folder.')
+    raise ValueError(
+      f'{len(stray)} images of {folder!r} lie outside the class sub-folders (e.g. {stray[0]!r}); '
+      'move them into a class folder.'
+    )
   return images, np.asarray([classes.index(t) for t in top], np.int32)
 
 
 def _tfds_dataset(name: str, split: str, data_dir: str | None, shuffle_files: bool, seed: int | None):
   tf = hide_accelerators_from_tf()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   read_config = tfds.ReadConfig(shuffle_seed=seed) if shuffle_files else None
-  ds = tfds.load(TFDS_DATASETS[name], split=split, data_dir=data_dir or None, shuffle_files=shuffle_files,
-                 read_config=read_config)
+  ds = tfds.load(
+    TFDS_DATASETS[name], split=split, data_dir=data_dir or None, shuffle_files=shuffle_files, read_config=read_config
+  )
   return tf, ds
 
 
 def _tf_preprocess(tf, image_size: int, channels: int):
   """tf.data map fn: uint8 image -> center-cropped, resized uint8 [S, S, channels]."""
+
   def fn(example):
     image = example['image']
     shape = tf.shape(image)
@@ -207,19 +225,26 @@ def _tf_preprocess(tf, image_size: int, channels: int):
     s = tf.minimum(h, w)
     image = tf.image.crop_to_bounding_box(image, (h - s) // 2, (w - s) // 2, s, s)
     image = tf.cond(
-        tf.logical_and(tf.equal(s, image_size), tf.equal(s, image_size)),
-        lambda: image,
-        lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
-            image, [image_size, image_size], method='bicubic', antialias=True)), 0, 255), tf.uint8))
+      tf.logical_and(tf.equal(s, image_size), tf.equal(s, image_size)),
+      lambda: image,
+      lambda: tf.cast(
+        tf.clip_by_value(
+          tf.round(tf.image.resize(image, [image_size, image_size], method='bicubic', antialias=True)), 0, 255
+        ),
+        tf.uint8,
+      ),
+    )
     if channels == 1 and image.shape[-1] == 3:
       image = tf.image.rgb_to_grayscale(image)
     image = tf.ensure_shape(image, [image_size, image_size, channels])
     return image
+
   return fn
 
 
-def load_tfds_array(name: str, split: str, image_size: int, channels: int = 3,
-                    data_dir: str | None = None, with_labels: bool = False):
+def load_tfds_array(
+  name: str, split: str, image_size: int, channels: int = 3, data_dir: str | None = None, with_labels: bool = False
+):
   """A whole tfds split decoded into host memory as uint8 [N, S, S, C] (in file order).
 
   With ``with_labels`` returns ``(images, labels int32 [N])`` from the examples' ``label`` feature.
@@ -235,8 +260,16 @@ def load_tfds_array(name: str, split: str, image_size: int, channels: int = 3,
   return np.concatenate(batches, axis=0)
 
 
-def load_array(dataset: str, *, split: str = 'train', image_size: int, channels: int,
-               folder: str = '', data_dir: str = '', with_labels: bool = False):
+def load_array(
+  dataset: str,
+  *,
+  split: str = 'train',
+  image_size: int,
+  channels: int,
+  folder: str = '',
+  data_dir: str = '',
+  with_labels: bool = False,
+):
   """Any known source (``DATASETS``) as an in-memory uint8 array [N, S, S, C].
 
   With ``with_labels`` returns ``(images, labels int32 [N])``; only ``LABELED_DATASETS`` have labels.
@@ -247,8 +280,9 @@ def load_array(dataset: str, *, split: str = 'train', image_size: int, channels:
     images = load_digits(image_size)
     return (images, load_digits_labels()) if with_labels else images
   if dataset == 'folder':
-    return load_folder_labeled(folder, image_size, channels) if with_labels else load_folder(
-        folder, image_size, channels)
+    return (
+      load_folder_labeled(folder, image_size, channels) if with_labels else load_folder(folder, image_size, channels)
+    )
   if dataset in TFDS_DATASETS:
     return load_tfds_array(dataset, split, image_size, channels, data_dir or None, with_labels=with_labels)
   raise ValueError(f'Unknown dataset {dataset!r}; choose one of {DATASETS}.')
@@ -257,6 +291,7 @@ def load_array(dataset: str, *, split: str = 'train', image_size: int, channels:
 # ------------------------------------------------------------------------------------------------------------------
 # Training batches
 # ------------------------------------------------------------------------------------------------------------------
+
 
 def global_batch_indices(num_examples: int, global_batch: int, seed: int, step: int) -> np.ndarray:
   """Example indices of global batch ``step``: epochs of seeded permutations, a pure function of (seed, step).
@@ -277,7 +312,7 @@ def global_batch_indices(num_examples: int, global_batch: int, seed: int, step: 
     epoch, offset = divmod(start + filled, num_examples)
     perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
     take = min(global_batch - filled, num_examples - offset)
-    idx[filled:filled + take] = perm[offset:offset + take]
+    idx[filled : filled + take] = perm[offset : offset + take]
     filled += take
   return idx
 
@@ -296,9 +331,18 @@ def shard(batch: np.ndarray, num_devices: int) -> np.ndarray:
   return batch.reshape((num_devices, batch.shape[0] // num_devices) + batch.shape[1:])
 
 
-def in_memory_batches(images: np.ndarray, *, global_batch: int, seed: int, start_step: int = 0,
-                      random_flip: bool = True, num_local_devices: int = 1, process_index: int = 0,
-                      process_count: int = 1, labels: np.ndarray | None = None) -> Iterator[np.ndarray | dict]:
+def in_memory_batches(
+  images: np.ndarray,
+  *,
+  global_batch: int,
+  seed: int,
+  start_step: int = 0,
+  random_flip: bool = True,
+  num_local_devices: int = 1,
+  process_index: int = 0,
+  process_count: int = 1,
+  labels: np.ndarray | None = None,
+) -> Iterator[np.ndarray | dict]:
   """Yields this host's part of every global batch from ``start_step`` on, sharded and in [-1, 1].
 
   Args:
@@ -334,10 +378,22 @@ def in_memory_batches(images: np.ndarray, *, global_batch: int, seed: int, start
     step += 1
 
 
-def tfds_stream_batches(dataset: str, *, split: str, image_size: int, channels: int, global_batch: int,
-                        seed: int, start_step: int = 0, random_flip: bool = True, shuffle_buffer: int = 10_000,
-                        data_dir: str = '', num_local_devices: int = 1, process_index: int = 0,
-                        process_count: int = 1) -> Iterator[np.ndarray]:
+def tfds_stream_batches(
+  dataset: str,
+  *,
+  split: str,
+  image_size: int,
+  channels: int,
+  global_batch: int,
+  seed: int,
+  start_step: int = 0,
+  random_flip: bool = True,
+  shuffle_buffer: int = 10_000,
+  data_dir: str = '',
+  num_local_devices: int = 1,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[np.ndarray]:
   """Streams a tfds split (shuffle, repeat, per-example flips, this host's shard), sharded and in [-1, 1].
 
   Each host reads a disjoint 1/process_count of the split (``tfds.even_splits``). Shuffle seeds are derived from
@@ -347,6 +403,7 @@ def tfds_stream_batches(dataset: str, *, split: str, image_size: int, channels: 
     float32 [num_local_devices, global_batch / (process_count * num_local_devices), H, W, C] in [-1, 1].
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   local_batch = global_batch // process_count
   host_split = tfds.even_splits(split, n=process_count)[process_index] if process_count > 1 else split
   stream_seed = int(np.random.default_rng([seed, start_step, process_index]).integers(2**31))
@@ -354,8 +411,10 @@ def tfds_stream_batches(dataset: str, *, split: str, image_size: int, channels: 
   ds = ds.repeat().shuffle(shuffle_buffer, seed=stream_seed)
   ds = ds.map(_tf_preprocess(tf, image_size, channels), num_parallel_calls=tf.data.AUTOTUNE)
   if random_flip:
+
     def flip(image, i):
       return tf.image.stateless_random_flip_left_right(image, seed=tf.stack([tf.cast(stream_seed, tf.int64), i]))
+
     ds = ds.enumerate().map(lambda i, im: flip(im, i), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   for batch in ds.as_numpy_iterator():
@@ -373,6 +432,7 @@ def prefetch_to_device(iterator: Iterator[np.ndarray], size: int, sharding) -> I
   """
   import collections  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+
   queue = collections.deque()
   for batch in iterator:
     queue.append(jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), batch))
@@ -386,8 +446,18 @@ def prefetch_to_device(iterator: Iterator[np.ndarray], size: int, sharding) -> I
 # Evaluation images
 # ------------------------------------------------------------------------------------------------------------------
 
-def eval_images(dataset: str, *, split: str = 'train', image_size: int, channels: int = 3, batch_size: int = 256,
-                folder: str = '', data_dir: str = '', num_images: int | None = None) -> Iterator[np.ndarray]:
+
+def eval_images(
+  dataset: str,
+  *,
+  split: str = 'train',
+  image_size: int,
+  channels: int = 3,
+  batch_size: int = 256,
+  folder: str = '',
+  data_dir: str = '',
+  num_images: int | None = None,
+) -> Iterator[np.ndarray]:
   """Yields one pass over a split (tfds, folder or digits) as uint8 [b, S, S, C] batches, unshuffled, no flips.
 
   The last batch may be smaller. For FID reference statistics, bits/dim on the test set, etc.
@@ -409,9 +479,8 @@ def eval_images(dataset: str, *, split: str = 'train', image_size: int, channels
       ds = ds.take(num_images)
     yield from ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
     return
-  images = load_array(dataset, split=split, image_size=image_size, channels=channels, folder=folder,
-                      data_dir=data_dir)
+  images = load_array(dataset, split=split, image_size=image_size, channels=channels, folder=folder, data_dir=data_dir)
   if num_images is not None:
     images = images[:num_images]
   for i in range(0, len(images), batch_size):
-    yield images[i:i + batch_size]
+    yield images[i : i + batch_size]

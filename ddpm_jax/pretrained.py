@@ -8,8 +8,8 @@ Two sources of the same weights:
   ``config.json`` plus ``diffusion_pytorch_model.safetensors`` (or ``.bin``), and a ``DDPMScheduler``
   ``scheduler_config.json``, either all at the folder root (the google/ddpm-* repos) or in ``unet/`` and
   ``scheduler/`` subfolders (what ``DDPMPipeline.save_pretrained`` writes). :func:`load_diffusers` reads
-  them with numpy (``safetensors.numpy``, and ``ddpm_jax.torch_files`` for ``.bin`` files), checks that the configuration is
-  one our :class:`~ddpm_jax.models.unet.UNet` represents exactly, maps every tensor by name and checks
+  them with numpy (``safetensors.numpy``, and ``ddpm_jax.torch_files`` for ``.bin`` files), checks that the
+  configuration is one our :class:`~ddpm_jax.models.unet.UNet` represents exactly, maps every tensor by name and checks
   every shape. Nothing is loaded half-way: any missing, unexpected or mis-shaped tensor raises a
   ``ValueError`` that names the file and the tensors.
 * **the original TF checkpoints** (github.com/hojonathanho/diffusion, e.g. ``model.ckpt-790000`` for
@@ -61,25 +61,25 @@ from ddpm_jax import schedule as sched_lib
 from ddpm_jax.models.unet import UNet
 
 __all__ = [
-    'Pretrained',
-    'ReleaseInfo',
-    'RELEASES',
-    'load_pretrained',
-    'load_diffusers',
-    'load_tf_checkpoint',
-    'fetch_hub',
-    'unet_from_diffusers_config',
-    'settings_from_scheduler_config',
-    'to_diffusers_state_dict',
-    'diffusers_config',
-    'convert_diffusers_state_dict',
-    'load_tf_pretrained',
-    'release_for_architecture',
-    'infer_tf_model',
-    'to_tf_variables',
-    'abstract_params',
-    'make_sample_fn',
-    'sample',
+  'Pretrained',
+  'ReleaseInfo',
+  'RELEASES',
+  'load_pretrained',
+  'load_diffusers',
+  'load_tf_checkpoint',
+  'fetch_hub',
+  'unet_from_diffusers_config',
+  'settings_from_scheduler_config',
+  'to_diffusers_state_dict',
+  'diffusers_config',
+  'convert_diffusers_state_dict',
+  'load_tf_pretrained',
+  'release_for_architecture',
+  'infer_tf_model',
+  'to_tf_variables',
+  'abstract_params',
+  'make_sample_fn',
+  'sample',
 ]
 
 _log = logging.getLogger(__name__)
@@ -103,17 +103,22 @@ def check_conditioning(model: UNet, class_label: Any, guidance_scale: float) -> 
   k = getattr(model, 'num_classes', 0)
   if not k:
     if class_label is not None:
-      raise ValueError(f'class_label={class_label!r} given, but this model is unconditional (num_classes=0); '
-                       'drop --class_label.')
+      raise ValueError(
+        f'class_label={class_label!r} given, but this model is unconditional (num_classes=0); drop --class_label.'
+      )
     if guidance_scale:
-      raise ValueError(f'guidance_scale={guidance_scale!r} needs a class-conditional model (this one has '
-                       'num_classes=0); use --guidance_scale 0.')
+      raise ValueError(
+        f'guidance_scale={guidance_scale!r} needs a class-conditional model (this one has '
+        'num_classes=0); use --guidance_scale 0.'
+      )
     return
   if not guidance_scale >= 0:
     raise ValueError(f'guidance_scale must be >= 0 (0 = no guidance), got {guidance_scale!r}.')
   if class_label is None:
-    raise ValueError(f'This model is class-conditional (num_classes={k}): pass a class label in 0..{k - 1} '
-                     f'(or {k}, the null class, for unconditional samples).')
+    raise ValueError(
+      f'This model is class-conditional (num_classes={k}): pass a class label in 0..{k - 1} '
+      f'(or {k}, the null class, for unconditional samples).'
+    )
   labels = np.asarray(class_label)
   if labels.dtype.kind not in 'iu' or labels.size == 0 or labels.min() < 0 or labels.max() > k:
     raise ValueError(f'class_label must be ints in 0..{k - 1} (or {k}, the null class); got {class_label!r}.')
@@ -161,8 +166,10 @@ class Pretrained(NamedTuple):
 
     def denoise_fn(x, t):
       labels = jnp.broadcast_to(jnp.asarray(class_label, jnp.int32), (x.shape[0],))
-      return sampling.classifier_free_guidance(model_fn, labels, null_label=self.model.null_label(),
-                                               guidance_scale=guidance_scale)(x, t)
+      return sampling.classifier_free_guidance(
+        model_fn, labels, null_label=self.model.null_label(), guidance_scale=guidance_scale
+      )(x, t)
+
     return denoise_fn
 
   def sample_kwargs(self) -> dict:
@@ -203,23 +210,24 @@ def _lsun_like(repo_id: str, tf_checkpoint: str | None, paper_fid: float | None,
 
 
 RELEASES: dict[str, ReleaseInfo] = {
-    r.repo_id: r for r in (
-        ReleaseInfo('google/ddpm-cifar10-32', 32, 'fixedlarge', True, (1, 2, 2, 2), 'model.ckpt-790000', 3.17,
-                    None),
-        _lsun_like('google/ddpm-celebahq-256', None, None, None),
-        _lsun_like('google/ddpm-church-256', 'model.ckpt-4432000', 7.89, None),
-        _lsun_like('google/ddpm-bedroom-256', 'model.ckpt-2388000', 6.36, None),
-        _lsun_like('google/ddpm-cat-256', 'model.ckpt-1761000', 19.75, None),
-        # Separate repos named "ema" hold the EMA weights of the 256x256 models (what the paper sampled).
-        _lsun_like('google/ddpm-ema-celebahq-256', None, None, True),
-        _lsun_like('google/ddpm-ema-church-256', 'model.ckpt-4432000', 7.89, True),
-        _lsun_like('google/ddpm-ema-bedroom-256', 'model.ckpt-2388000', 6.36, True),
-        _lsun_like('google/ddpm-ema-cat-256', 'model.ckpt-1761000', 19.75, True),
-    )
+  r.repo_id: r
+  for r in (
+    ReleaseInfo('google/ddpm-cifar10-32', 32, 'fixedlarge', True, (1, 2, 2, 2), 'model.ckpt-790000', 3.17, None),
+    _lsun_like('google/ddpm-celebahq-256', None, None, None),
+    _lsun_like('google/ddpm-church-256', 'model.ckpt-4432000', 7.89, None),
+    _lsun_like('google/ddpm-bedroom-256', 'model.ckpt-2388000', 6.36, None),
+    _lsun_like('google/ddpm-cat-256', 'model.ckpt-1761000', 19.75, None),
+    # Separate repos named "ema" hold the EMA weights of the 256x256 models (what the paper sampled).
+    _lsun_like('google/ddpm-ema-celebahq-256', None, None, True),
+    _lsun_like('google/ddpm-ema-church-256', 'model.ckpt-4432000', 7.89, True),
+    _lsun_like('google/ddpm-ema-bedroom-256', 'model.ckpt-2388000', 6.36, True),
+    _lsun_like('google/ddpm-ema-cat-256', 'model.ckpt-1761000', 19.75, True),
+  )
 }
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
 
 def abstract_params(model: UNet, image_size: int, in_channels: int = 3) -> dict:
   """The parameter tree ``model`` expects, as ``ShapeDtypeStruct`` leaves (builds nothing)."""
@@ -250,12 +258,18 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
 
 
 def _level(name: str, prefix: str) -> int:
-  return int(name[len(prefix):])
+  return int(name[len(prefix) :])
 
 
 # Module names inside a ResBlock / attention block, ours -> diffusers.
-_RESNET_CHILD = {'norm1': 'norm1', 'conv1': 'conv1', 'temb_proj': 'time_emb_proj', 'norm2': 'norm2',
-                 'conv2': 'conv2', 'nin_shortcut': 'conv_shortcut'}
+_RESNET_CHILD = {
+  'norm1': 'norm1',
+  'conv1': 'conv1',
+  'temb_proj': 'time_emb_proj',
+  'norm2': 'norm2',
+  'conv2': 'conv2',
+  'nin_shortcut': 'conv_shortcut',
+}
 _ATTN_CHILD = {'norm': 'group_norm', 'q': 'to_q', 'k': 'to_k', 'v': 'to_v', 'proj_out': 'to_out.0'}
 _ATTN_CHILD_LEGACY = {'norm': 'group_norm', 'q': 'query', 'k': 'key', 'v': 'value', 'proj_out': 'proj_attn'}
 _LEAF = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}
@@ -347,19 +361,34 @@ def diffusers_config(model: UNet, image_size: int, in_channels: int = 3) -> dict
   """The diffusers ``UNet2DModel`` ``config.json`` equivalent to ``model`` (the inverse of
   :func:`unet_from_diffusers_config`)."""
   if getattr(model, 'num_classes', 0):
-    raise ValueError(f'Only unconditional models map to the DDPM UNet2DModel layout; this one has '
-                     f'num_classes={model.num_classes}.')
+    raise ValueError(
+      f'Only unconditional models map to the DDPM UNet2DModel layout; this one has num_classes={model.num_classes}.'
+    )
   levels = len(model.ch_mult)
   attn = [image_size // 2**i in model.attn_resolutions for i in range(levels)]
   return dict(
-      _class_name='UNet2DModel', sample_size=image_size, in_channels=in_channels, out_channels=model.out_ch,
-      center_input_sample=False, time_embedding_type='positional', flip_sin_to_cos=False, freq_shift=1,
-      down_block_types=['AttnDownBlock2D' if a else 'DownBlock2D' for a in attn],
-      up_block_types=['AttnUpBlock2D' if a else 'UpBlock2D' for a in reversed(attn)],
-      block_out_channels=[model.ch * m for m in model.ch_mult], layers_per_block=model.num_res_blocks,
-      mid_block_scale_factor=1, downsample_padding=0, dropout=model.dropout, act_fn='silu',
-      attention_head_dim=None, norm_num_groups=model.num_groups, norm_eps=1e-6,
-      resnet_time_scale_shift='default', add_attention=True)
+    _class_name='UNet2DModel',
+    sample_size=image_size,
+    in_channels=in_channels,
+    out_channels=model.out_ch,
+    center_input_sample=False,
+    time_embedding_type='positional',
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    down_block_types=['AttnDownBlock2D' if a else 'DownBlock2D' for a in attn],
+    up_block_types=['AttnUpBlock2D' if a else 'UpBlock2D' for a in reversed(attn)],
+    block_out_channels=[model.ch * m for m in model.ch_mult],
+    layers_per_block=model.num_res_blocks,
+    mid_block_scale_factor=1,
+    downsample_padding=0,
+    dropout=model.dropout,
+    act_fn='silu',
+    attention_head_dim=None,
+    norm_num_groups=model.num_groups,
+    norm_eps=1e-6,
+    resnet_time_scale_shift='default',
+    add_attention=True,
+  )
 
 
 def to_tf_variables(params: Mapping, *, scope: str = 'model') -> dict[str, np.ndarray]:
@@ -391,28 +420,53 @@ def _format_list(items: list[str], limit: int = 12) -> str:
 
 # UNet2DModel's constructor defaults (diffusers 0.42): a key missing from config.json means this value.
 _UNET2D_DEFAULTS: dict[str, Any] = dict(
-    sample_size=None, in_channels=3, out_channels=3, center_input_sample=False,
-    time_embedding_type='positional', time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True,
-    down_block_types=('DownBlock2D', 'AttnDownBlock2D', 'AttnDownBlock2D', 'AttnDownBlock2D'),
-    mid_block_type='UNetMidBlock2D',
-    up_block_types=('AttnUpBlock2D', 'AttnUpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'),
-    block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1,
-    downsample_padding=1, downsample_type='conv', upsample_type='conv', dropout=0.0, act_fn='silu',
-    attention_head_dim=8, norm_num_groups=32, attn_norm_num_groups=None, norm_eps=1e-5,
-    resnet_time_scale_shift='default', add_attention=True, class_embed_type=None, num_class_embeds=None,
-    num_train_timesteps=None,
+  sample_size=None,
+  in_channels=3,
+  out_channels=3,
+  center_input_sample=False,
+  time_embedding_type='positional',
+  time_embedding_dim=None,
+  freq_shift=0,
+  flip_sin_to_cos=True,
+  down_block_types=('DownBlock2D', 'AttnDownBlock2D', 'AttnDownBlock2D', 'AttnDownBlock2D'),
+  mid_block_type='UNetMidBlock2D',
+  up_block_types=('AttnUpBlock2D', 'AttnUpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'),
+  block_out_channels=(224, 448, 672, 896),
+  layers_per_block=2,
+  mid_block_scale_factor=1,
+  downsample_padding=1,
+  downsample_type='conv',
+  upsample_type='conv',
+  dropout=0.0,
+  act_fn='silu',
+  attention_head_dim=8,
+  norm_num_groups=32,
+  attn_norm_num_groups=None,
+  norm_eps=1e-5,
+  resnet_time_scale_shift='default',
+  add_attention=True,
+  class_embed_type=None,
+  num_class_embeds=None,
+  num_train_timesteps=None,
 )
 
 # DDPMScheduler's constructor defaults (diffusers 0.42).
 _DDPM_SCHEDULER_DEFAULTS: dict[str, Any] = dict(
-    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear', trained_betas=None,
-    variance_type='fixed_small', clip_sample=True, prediction_type='epsilon', thresholding=False,
-    clip_sample_range=1.0, rescale_betas_zero_snr=False,
+  num_train_timesteps=1000,
+  beta_start=0.0001,
+  beta_end=0.02,
+  beta_schedule='linear',
+  trained_betas=None,
+  variance_type='fixed_small',
+  clip_sample=True,
+  prediction_type='epsilon',
+  thresholding=False,
+  clip_sample_range=1.0,
+  rescale_betas_zero_snr=False,
 )
 
 
-def unet_from_diffusers_config(config: Mapping[str, Any], *, source: str = 'config.json'
-                               ) -> tuple[UNet, int, int]:
+def unet_from_diffusers_config(config: Mapping[str, Any], *, source: str = 'config.json') -> tuple[UNet, int, int]:
   """Builds the :class:`UNet` equivalent to a diffusers ``UNet2DModel`` configuration.
 
   Only configurations that our U-Net computes exactly are accepted: sinusoidal embedding with sin first
@@ -433,18 +487,27 @@ def unet_from_diffusers_config(config: Mapping[str, Any], *, source: str = 'conf
   """
   cls = config.get('_class_name', 'UNet2DModel' if 'block_out_channels' in config else None)
   if cls != 'UNet2DModel':
-    raise ValueError(f'{source}: _class_name is {cls!r}; only diffusers UNet2DModel configs are supported '
-                     '(re-save older "UNetModel" checkpoints with a current diffusers first).')
+    raise ValueError(
+      f'{source}: _class_name is {cls!r}; only diffusers UNet2DModel configs are supported '
+      '(re-save older "UNetModel" checkpoints with a current diffusers first).'
+    )
   c = {**_UNET2D_DEFAULTS, **config}
 
   def bad(key: str, want: str):
-    raise ValueError(f'{source}: {key} = {c[key]!r} cannot be represented by the DDPM U-Net '
-                     f'(needs {want}).')
+    raise ValueError(f'{source}: {key} = {c[key]!r} cannot be represented by the DDPM U-Net (needs {want}).')
 
-  exact = dict(time_embedding_type='positional', flip_sin_to_cos=False, center_input_sample=False,
-               mid_block_type='UNetMidBlock2D', downsample_type='conv', upsample_type='conv',
-               resnet_time_scale_shift='default', add_attention=True, class_embed_type=None,
-               num_class_embeds=None)
+  exact = dict(
+    time_embedding_type='positional',
+    flip_sin_to_cos=False,
+    center_input_sample=False,
+    mid_block_type='UNetMidBlock2D',
+    downsample_type='conv',
+    upsample_type='conv',
+    resnet_time_scale_shift='default',
+    add_attention=True,
+    class_embed_type=None,
+    num_class_embeds=None,
+  )
   for key, want in exact.items():
     if c[key] != want:
       bad(key, repr(want))
@@ -466,10 +529,13 @@ def unet_from_diffusers_config(config: Mapping[str, Any], *, source: str = 'conf
   down, up = list(c['down_block_types']), list(c['up_block_types'])
   num_levels = len(boc)
   if len(down) != num_levels or len(up) != num_levels:
-    raise ValueError(f'{source}: block_out_channels {boc}, down_block_types {down} and up_block_types {up} '
-                     'must have the same length.')
-  for key, types, allowed in (('down_block_types', down, ('DownBlock2D', 'AttnDownBlock2D')),
-                              ('up_block_types', up, ('UpBlock2D', 'AttnUpBlock2D'))):
+    raise ValueError(
+      f'{source}: block_out_channels {boc}, down_block_types {down} and up_block_types {up} must have the same length.'
+    )
+  for key, types, allowed in (
+    ('down_block_types', down, ('DownBlock2D', 'AttnDownBlock2D')),
+    ('up_block_types', up, ('UpBlock2D', 'AttnUpBlock2D')),
+  ):
     unknown = [b for b in types if b not in allowed]
     if unknown:
       raise ValueError(f'{source}: {key} contains {unknown}; only {allowed} are supported.')
@@ -477,8 +543,9 @@ def unet_from_diffusers_config(config: Mapping[str, Any], *, source: str = 'conf
   attn_up = sorted(num_levels - 1 - k for k, b in enumerate(up) if b == 'AttnUpBlock2D')
   if attn_down != attn_up:
     raise ValueError(
-        f'{source}: attention in down levels {attn_down} but in up levels {attn_up} (up_block_types '
-        f'listed deepest first); the DDPM U-Net attends at the same resolutions on both paths.')
+      f'{source}: attention in down levels {attn_down} but in up levels {attn_up} (up_block_types '
+      f'listed deepest first); the DDPM U-Net attends at the same resolutions on both paths.'
+    )
   ch = boc[0]
   if any(b % ch for b in boc):
     raise ValueError(f'{source}: block_out_channels {boc} must all be multiples of the first entry {ch}.')
@@ -487,8 +554,7 @@ def unet_from_diffusers_config(config: Mapping[str, Any], *, source: str = 'conf
   head_dim = c['attention_head_dim']
   attn_channels = sorted({boc[i] for i in attn_down} | {boc[-1]})
   if head_dim is not None and any(head_dim != a for a in attn_channels):
-    bad('attention_head_dim', f'None (single-head attention; attention blocks here have {attn_channels} '
-        'channels)')
+    bad('attention_head_dim', f'None (single-head attention; attention blocks here have {attn_channels} channels)')
   size = c['sample_size']
   if isinstance(size, (list, tuple)):
     if len(size) != 2 or size[0] != size[1]:
@@ -500,12 +566,17 @@ def unet_from_diffusers_config(config: Mapping[str, Any], *, source: str = 'conf
   if size % factor:
     bad('sample_size', f'a multiple of 2**(levels-1) = {factor}')
   if c['out_channels'] != c['in_channels']:
-    bad('out_channels', f'in_channels = {c["in_channels"]} (eps prediction; learned variances are not '
-        'supported)')
-  fields = dict(ch=ch, out_ch=int(c['out_channels']), ch_mult=tuple(b // ch for b in boc),
-                num_res_blocks=int(c['layers_per_block']),
-                attn_resolutions=tuple(size // 2**i for i in attn_down),
-                dropout=float(c['dropout']), resamp_with_conv=True, num_groups=int(groups))
+    bad('out_channels', f'in_channels = {c["in_channels"]} (eps prediction; learned variances are not supported)')
+  fields = dict(
+    ch=ch,
+    out_ch=int(c['out_channels']),
+    ch_mult=tuple(b // ch for b in boc),
+    num_res_blocks=int(c['layers_per_block']),
+    attn_resolutions=tuple(size // 2**i for i in attn_down),
+    dropout=float(c['dropout']),
+    resamp_with_conv=True,
+    num_groups=int(groups),
+  )
   try:
     model = UNet(**fields)
   except ValueError as e:
@@ -513,8 +584,9 @@ def unet_from_diffusers_config(config: Mapping[str, Any], *, source: str = 'conf
   return model, int(size), int(c['in_channels'])
 
 
-def settings_from_scheduler_config(config: Mapping[str, Any], *, source: str = 'scheduler_config.json'
-                                   ) -> tuple[sched_lib.Schedule, str, bool, str]:
+def settings_from_scheduler_config(
+  config: Mapping[str, Any], *, source: str = 'scheduler_config.json'
+) -> tuple[sched_lib.Schedule, str, bool, str]:
   """Maps a diffusers ``DDPMScheduler`` configuration to ``(schedule, var_type, clip_denoised, mean_type)``.
 
   ``fixed_large``/``fixed_large_log`` -> 'fixedlarge' (sigma^2 = beta_t), ``fixed_small``/``fixed_small_log``
@@ -528,8 +600,10 @@ def settings_from_scheduler_config(config: Mapping[str, Any], *, source: str = '
   """
   cls = config.get('_class_name', 'DDPMScheduler')
   if cls != 'DDPMScheduler':
-    raise ValueError(f'{source}: _class_name is {cls!r}; only DDPMScheduler configs carry the variance '
-                     'type. Pass var_type= and clip_denoised= explicitly to load this model.')
+    raise ValueError(
+      f'{source}: _class_name is {cls!r}; only DDPMScheduler configs carry the variance '
+      'type. Pass var_type= and clip_denoised= explicitly to load this model.'
+    )
   c = {**_DDPM_SCHEDULER_DEFAULTS, **config}
   n = int(c['num_train_timesteps'])
   if c['trained_betas'] is not None:
@@ -537,19 +611,27 @@ def settings_from_scheduler_config(config: Mapping[str, Any], *, source: str = '
   else:
     names = {'linear': 'linear', 'scaled_linear': 'quad', 'squaredcos_cap_v2': 'cosine'}
     if c['beta_schedule'] not in names:
-      raise ValueError(f'{source}: beta_schedule = {c["beta_schedule"]!r} is not supported; '
-                       f'choose one of {sorted(names)}.')
-    schedule = sched_lib.get_schedule(names[c['beta_schedule']], beta_start=float(c['beta_start']),
-                                      beta_end=float(c['beta_end']), num_timesteps=n)
-  variances = {'fixed_large': 'fixedlarge', 'fixed_large_log': 'fixedlarge',
-               'fixed_small': 'fixedsmall', 'fixed_small_log': 'fixedsmall'}
+      raise ValueError(
+        f'{source}: beta_schedule = {c["beta_schedule"]!r} is not supported; choose one of {sorted(names)}.'
+      )
+    schedule = sched_lib.get_schedule(
+      names[c['beta_schedule']], beta_start=float(c['beta_start']), beta_end=float(c['beta_end']), num_timesteps=n
+    )
+  variances = {
+    'fixed_large': 'fixedlarge',
+    'fixed_large_log': 'fixedlarge',
+    'fixed_small': 'fixedsmall',
+    'fixed_small_log': 'fixedsmall',
+  }
   if c['variance_type'] not in variances:
-    raise ValueError(f'{source}: variance_type = {c["variance_type"]!r} is not supported; choose one of '
-                     f'{sorted(variances)}.')
+    raise ValueError(
+      f'{source}: variance_type = {c["variance_type"]!r} is not supported; choose one of {sorted(variances)}.'
+    )
   predictions = {'epsilon': 'eps', 'sample': 'xstart'}
   if c['prediction_type'] not in predictions:
-    raise ValueError(f'{source}: prediction_type = {c["prediction_type"]!r} is not supported; choose one '
-                     f'of {sorted(predictions)}.')
+    raise ValueError(
+      f'{source}: prediction_type = {c["prediction_type"]!r} is not supported; choose one of {sorted(predictions)}.'
+    )
   if c['thresholding']:
     raise ValueError(f'{source}: thresholding = true (dynamic thresholding) is not supported.')
   if c['rescale_betas_zero_snr']:
@@ -578,6 +660,7 @@ def _load_state_dict(unet_dir: str) -> tuple[dict[str, np.ndarray], dict[str, st
   bin_path = os.path.join(unet_dir, WEIGHTS_BIN)
   if os.path.isfile(st_path) or os.path.isfile(index_path):
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
     if os.path.isfile(st_path):
       files = [st_path]
     else:
@@ -593,18 +676,21 @@ def _load_state_dict(unet_dir: str) -> tuple[dict[str, np.ndarray], dict[str, st
     return tensors, origin
   if os.path.isfile(bin_path):
     from ddpm_jax import torch_files  # pylint: disable=g-import-not-at-top
+
     try:
       sd = torch_files.load_state_dict(bin_path)  # numpy only: no torch at run time
     except Exception as e:
       raise ValueError(f'{bin_path}: cannot read PyTorch weights ({type(e).__name__}: {e}).') from e
     tensors = {k: np.asarray(v, np.float32) for k, v in sd.items()}
     return tensors, {k: bin_path for k in tensors}
-  raise ValueError(f'{unet_dir}: no weights found (looked for {WEIGHTS_SAFETENSORS}, {WEIGHTS_INDEX} and '
-                   f'{WEIGHTS_BIN}).')
+  raise ValueError(
+    f'{unet_dir}: no weights found (looked for {WEIGHTS_SAFETENSORS}, {WEIGHTS_INDEX} and {WEIGHTS_BIN}).'
+  )
 
 
-def convert_diffusers_state_dict(state_dict: Mapping[str, np.ndarray], expected: Mapping, *,
-                                 source: str = 'state dict') -> dict:
+def convert_diffusers_state_dict(
+  state_dict: Mapping[str, np.ndarray], expected: Mapping, *, source: str = 'state dict'
+) -> dict:
   """Maps a diffusers state dict onto our parameter tree, checking names and shapes.
 
   Args:
@@ -631,8 +717,7 @@ def convert_diffusers_state_dict(state_dict: Mapping[str, np.ndarray], expected:
     used.add(name)
     arr = _from_torch_layout(np.asarray(state_dict[name]), want)
     if tuple(arr.shape) != want:
-      mismatched.append(f'{name}: file shape {tuple(np.shape(state_dict[name]))}, model needs '
-                        f'{"/".join(path)} {want}')
+      mismatched.append(f'{name}: file shape {tuple(np.shape(state_dict[name]))}, model needs {"/".join(path)} {want}')
       continue
     out[path] = np.ascontiguousarray(arr, dtype=np.float32)
   unexpected = sorted(set(state_dict) - used)
@@ -640,13 +725,15 @@ def convert_diffusers_state_dict(state_dict: Mapping[str, np.ndarray], expected:
   if missing:
     problems.append(f'{len(missing)} missing tensor(s): {_format_list(missing)}')
   if unexpected:
-    problems.append(f'{len(unexpected)} unexpected tensor(s) (not part of the configured architecture): '
-                    f'{_format_list(unexpected)}')
+    problems.append(
+      f'{len(unexpected)} unexpected tensor(s) (not part of the configured architecture): {_format_list(unexpected)}'
+    )
   if mismatched:
     problems.append(f'{len(mismatched)} shape mismatch(es): {_format_list(mismatched)}')
   if problems:
-    raise ValueError(f'{source}: the weights do not match the architecture in config.json; '
-                     + '; '.join(problems) + '.')
+    raise ValueError(
+      f'{source}: the weights do not match the architecture in config.json; ' + '; '.join(problems) + '.'
+    )
   return _unflatten(out)
 
 
@@ -660,8 +747,9 @@ def _resolve_folder(folder: str) -> tuple[str, str | None]:
     unet_dir = os.path.join(folder, 'unet')
   else:
     raise ValueError(
-        f'{folder}: not a diffusers checkpoint folder: expected {CONFIG} and {WEIGHTS_SAFETENSORS} (or '
-        f'{WEIGHTS_BIN}) either in the folder itself (google/ddpm-* layout) or in its unet/ subfolder.')
+      f'{folder}: not a diffusers checkpoint folder: expected {CONFIG} and {WEIGHTS_SAFETENSORS} (or '
+      f'{WEIGHTS_BIN}) either in the folder itself (google/ddpm-* layout) or in its unet/ subfolder.'
+    )
   sched = None
   for p in (os.path.join(folder, SCHEDULER_CONFIG), os.path.join(folder, 'scheduler', SCHEDULER_CONFIG)):
     if os.path.isfile(p):
@@ -670,8 +758,14 @@ def _resolve_folder(folder: str) -> tuple[str, str | None]:
   return unet_dir, sched
 
 
-def load_diffusers(path_or_repo_id: str, *, var_type: str | None = None, clip_denoised: bool | None = None,
-                   cache_dir: str | None = None, allow_download: bool = True) -> Pretrained:
+def load_diffusers(
+  path_or_repo_id: str,
+  *,
+  var_type: str | None = None,
+  clip_denoised: bool | None = None,
+  cache_dir: str | None = None,
+  allow_download: bool = True,
+) -> Pretrained:
   """Loads a diffusers-format DDPM (``UNet2DModel`` + ``DDPMScheduler``) into our U-Net and samplers.
 
   Args:
@@ -695,8 +789,11 @@ def load_diffusers(path_or_repo_id: str, *, var_type: str | None = None, clip_de
     if _looks_like_repo_id(folder) and allow_download:
       folder = fetch_hub(folder, cache_dir)
     else:
-      raise ValueError(f'{path_or_repo_id}: not a folder' + (
-          ' (and downloads are disabled)' if _looks_like_repo_id(folder) else '') + '.')
+      raise ValueError(
+        f'{path_or_repo_id}: not a folder'
+        + (' (and downloads are disabled)' if _looks_like_repo_id(folder) else '')
+        + '.'
+      )
   unet_dir, sched_path = _resolve_folder(folder)
   config_path = os.path.join(unet_dir, CONFIG)
   model, image_size, in_channels = unet_from_diffusers_config(_read_json(config_path), source=config_path)
@@ -712,16 +809,24 @@ def load_diffusers(path_or_repo_id: str, *, var_type: str | None = None, clip_de
     sched_var = release.var_type if release else None
     sched_clip = release.clip_denoised if release else True
   else:
-    raise ValueError(f'{folder}: no {SCHEDULER_CONFIG} (looked in the folder and in scheduler/); pass '
-                     "var_type= ('fixedlarge' or 'fixedsmall') and clip_denoised= explicitly.")
+    raise ValueError(
+      f'{folder}: no {SCHEDULER_CONFIG} (looked in the folder and in scheduler/); pass '
+      "var_type= ('fixedlarge' or 'fixedsmall') and clip_denoised= explicitly."
+    )
   var_type = sched_var if var_type is None else var_type
   clip_denoised = sched_clip if clip_denoised is None else bool(clip_denoised)
   if var_type not in ('fixedlarge', 'fixedsmall'):
     raise ValueError(f"var_type must be 'fixedlarge' or 'fixedsmall'; got {var_type!r}.")
   if release is not None and (var_type, clip_denoised) != (release.var_type, release.clip_denoised):
-    _log.warning('%s: sampling with var_type=%s clip_denoised=%s, which differs from the release '
-                 'settings var_type=%s clip_denoised=%s.', path_or_repo_id, var_type, clip_denoised,
-                 release.var_type, release.clip_denoised)
+    _log.warning(
+      '%s: sampling with var_type=%s clip_denoised=%s, which differs from the release '
+      'settings var_type=%s clip_denoised=%s.',
+      path_or_repo_id,
+      var_type,
+      clip_denoised,
+      release.var_type,
+      release.clip_denoised,
+    )
 
   state_dict, origin = _load_state_dict(unet_dir)
   files = sorted(set(origin.values()))
@@ -729,11 +834,26 @@ def load_diffusers(path_or_repo_id: str, *, var_type: str | None = None, clip_de
   expected = abstract_params(model, image_size, in_channels)
   params = convert_diffusers_state_dict(state_dict, expected, source=source_name)
   source = f'diffusers {path_or_repo_id} ({", ".join(os.path.basename(f) for f in files)})'
-  _log.info('Loaded %s: ch=%d ch_mult=%s attn=%s, var_type=%s, clip_denoised=%s.', source, model.ch,
-            model.ch_mult, model.attn_resolutions, var_type, clip_denoised)
-  return Pretrained(model=model, params=params, schedule=schedule, var_type=var_type,
-                    clip_denoised=clip_denoised, mean_type=mean_type, image_size=image_size,
-                    in_channels=in_channels, source=source)
+  _log.info(
+    'Loaded %s: ch=%d ch_mult=%s attn=%s, var_type=%s, clip_denoised=%s.',
+    source,
+    model.ch,
+    model.ch_mult,
+    model.attn_resolutions,
+    var_type,
+    clip_denoised,
+  )
+  return Pretrained(
+    model=model,
+    params=params,
+    schedule=schedule,
+    var_type=var_type,
+    clip_denoised=clip_denoised,
+    mean_type=mean_type,
+    image_size=image_size,
+    in_channels=in_channels,
+    source=source,
+  )
 
 
 def _looks_like_repo_id(s: str) -> bool:
@@ -766,27 +886,38 @@ def fetch_hub(repo_id: str, dest: str | None = None) -> str:
   try:
     from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(f'{repo_id} is not a local folder and huggingface_hub is not installed; '
-                      'pip install huggingface_hub, or download the repo and pass its folder.') from e
-  patterns = ['*.json', WEIGHTS_SAFETENSORS, f'*/{WEIGHTS_SAFETENSORS}', 'diffusion_pytorch_model*.safetensors',
-              f'*/{CONFIG}', f'*/{SCHEDULER_CONFIG}']
+    raise ImportError(
+      f'{repo_id} is not a local folder and huggingface_hub is not installed; '
+      'pip install huggingface_hub, or download the repo and pass its folder.'
+    ) from e
+  patterns = [
+    '*.json',
+    WEIGHTS_SAFETENSORS,
+    f'*/{WEIGHTS_SAFETENSORS}',
+    'diffusion_pytorch_model*.safetensors',
+    f'*/{CONFIG}',
+    f'*/{SCHEDULER_CONFIG}',
+  ]
   try:
     folder = snapshot_download(repo_id, local_dir=dest, allow_patterns=patterns)
     if not _has_weights(folder):  # some repos ship .bin only
-      folder = snapshot_download(repo_id, local_dir=dest, allow_patterns=patterns + [WEIGHTS_BIN,
-                                                                                      f'*/{WEIGHTS_BIN}'])
+      folder = snapshot_download(repo_id, local_dir=dest, allow_patterns=patterns + [WEIGHTS_BIN, f'*/{WEIGHTS_BIN}'])
   except Exception as e:  # network errors come in many types
-    raise OSError(f'{repo_id} is not a local folder and could not be downloaded ({type(e).__name__}: {e}). '
-                  'Without network, download the repo elsewhere and pass its local folder instead.') from e
+    raise OSError(
+      f'{repo_id} is not a local folder and could not be downloaded ({type(e).__name__}: {e}). '
+      'Without network, download the repo elsewhere and pass its local folder instead.'
+    ) from e
   return folder
 
 
 def _has_weights(folder: str) -> bool:
-  return any(os.path.isfile(os.path.join(folder, sub, w)) for sub in ('', 'unet')
-             for w in (WEIGHTS_SAFETENSORS, WEIGHTS_INDEX))
+  return any(
+    os.path.isfile(os.path.join(folder, sub, w)) for sub in ('', 'unet') for w in (WEIGHTS_SAFETENSORS, WEIGHTS_INDEX)
+  )
 
 
 # ---------------------------------------------------------------------------------------------- TF
+
 
 def _tf_name(path: tuple[str, ...], scope: str) -> str:
   *mods, leaf = path
@@ -802,13 +933,19 @@ def _tf_name(path: tuple[str, ...], scope: str) -> str:
 _TF_IGNORED = re.compile(r'(/Adam(_1)?$|^global_step$|_power$|^beta[12]_power)')
 
 
-def infer_tf_model(var_shapes: Mapping[str, tuple[int, ...]], *, image_size: int | None = None,
-                   scope: str = 'model', source: str = 'checkpoint') -> tuple[UNet, int]:
+def infer_tf_model(
+  var_shapes: Mapping[str, tuple[int, ...]],
+  *,
+  image_size: int | None = None,
+  scope: str = 'model',
+  source: str = 'checkpoint',
+) -> tuple[UNet, int]:
   """Reconstructs the U-Net fields from the variable names and shapes of a TF checkpoint.
 
   The attention resolutions need the image size: 32 for a 4-level (CIFAR-10) and 256 for a 6-level
   (LSUN/CelebA-HQ) model unless ``image_size`` says otherwise.
   """
+
   def shape(name):
     if name not in var_shapes:
       raise ValueError(f'{source}: no variable {name!r}; not a DDPM U-Net checkpoint under scope {scope!r}.')
@@ -816,8 +953,7 @@ def infer_tf_model(var_shapes: Mapping[str, tuple[int, ...]], *, image_size: int
 
   ch = shape(f'{scope}/conv_in/W')[3]
   out_ch = shape(f'{scope}/conv_out/W')[3]
-  levels = sorted({int(m.group(1)) for n in var_shapes
-                   if (m := re.match(rf'{re.escape(scope)}/down_(\d+)/', n))})
+  levels = sorted({int(m.group(1)) for n in var_shapes if (m := re.match(rf'{re.escape(scope)}/down_(\d+)/', n))})
   if not levels or levels != list(range(len(levels))):
     raise ValueError(f'{source}: cannot find levels {scope}/down_0 ... in the checkpoint.')
   num_levels = len(levels)
@@ -828,8 +964,14 @@ def infer_tf_model(var_shapes: Mapping[str, tuple[int, ...]], *, image_size: int
     if image_size is None:
       raise ValueError(f'{source}: {num_levels} levels; pass image_size= (or model=) to place attention.')
   attn_levels = [i for i in levels if f'{scope}/down_{i}/attn_0/q/W' in var_shapes]
-  model = UNet(ch=ch, out_ch=out_ch, ch_mult=ch_mult, num_res_blocks=nrb,
-               attn_resolutions=tuple(image_size // 2**i for i in attn_levels), dropout=0.0)
+  model = UNet(
+    ch=ch,
+    out_ch=out_ch,
+    ch_mult=ch_mult,
+    num_res_blocks=nrb,
+    attn_resolutions=tuple(image_size // 2**i for i in attn_levels),
+    dropout=0.0,
+  )
   return model, image_size
 
 
@@ -846,8 +988,9 @@ def _tf_reader(ckpt_prefix: str):
   return reader, {k: tuple(v) for k, v in reader.get_variable_to_shape_map().items()}
 
 
-def load_tf_checkpoint(ckpt_prefix: str, model: UNet | None = None, *, ema: bool = True,
-                       image_size: int | None = None, scope: str = 'model') -> dict:
+def load_tf_checkpoint(
+  ckpt_prefix: str, model: UNet | None = None, *, ema: bool = True, image_size: int | None = None, scope: str = 'model'
+) -> dict:
   """Reads an original TF DDPM checkpoint (hojonathanho/diffusion) into our parameter tree.
 
   Variables are matched by name: ``{scope}/<our path>/{W,b}`` for convs and dense layers,
@@ -874,8 +1017,16 @@ def load_tf_checkpoint(ckpt_prefix: str, model: UNet | None = None, *, ema: bool
   return _params_from_tf(reader, var_shapes, ckpt_prefix, model, ema=ema, image_size=image_size, scope=scope)
 
 
-def _params_from_tf(reader, var_shapes: Mapping[str, tuple[int, ...]], ckpt_prefix: str, model: UNet | None, *,
-                    ema: bool, image_size: int | None, scope: str) -> dict:
+def _params_from_tf(
+  reader,
+  var_shapes: Mapping[str, tuple[int, ...]],
+  ckpt_prefix: str,
+  model: UNet | None,
+  *,
+  ema: bool,
+  image_size: int | None,
+  scope: str,
+) -> dict:
   """:func:`load_tf_checkpoint` on an opened checkpoint (``_tf_reader``'s reader and variable shapes)."""
   if model is None:
     model, image_size = infer_tf_model(var_shapes, image_size=image_size, scope=scope, source=ckpt_prefix)
@@ -893,16 +1044,18 @@ def _params_from_tf(reader, var_shapes: Mapping[str, tuple[int, ...]], ckpt_pref
       continue
     used.update({name, base, f'{base}/{EMA_SUFFIX}'})
     if var_shapes[name] != tuple(leaf.shape):
-      mismatched.append(f'{name}: checkpoint {var_shapes[name]}, model needs {"/".join(path)} '
-                        f'{tuple(leaf.shape)}')
+      mismatched.append(f'{name}: checkpoint {var_shapes[name]}, model needs {"/".join(path)} {tuple(leaf.shape)}')
       continue
     out[path] = np.asarray(reader.get_tensor(name), dtype=np.float32)
-  unexpected = sorted(n for n in var_shapes
-                      if n.startswith(f'{scope}/') and n not in used and not _TF_IGNORED.search(n))
+  unexpected = sorted(
+    n for n in var_shapes if n.startswith(f'{scope}/') and n not in used and not _TF_IGNORED.search(n)
+  )
   problems = []
   if no_ema:
-    problems.append(f'{len(no_ema)} variable(s) have no EMA shadow ({_format_list(no_ema)}); pass ema=False '
-                    'to load the raw training weights')
+    problems.append(
+      f'{len(no_ema)} variable(s) have no EMA shadow ({_format_list(no_ema)}); pass ema=False '
+      'to load the raw training weights'
+    )
   if missing:
     problems.append(f'{len(missing)} missing variable(s): {_format_list(missing)}')
   if unexpected:
@@ -910,8 +1063,9 @@ def _params_from_tf(reader, var_shapes: Mapping[str, tuple[int, ...]], ckpt_pref
   if mismatched:
     problems.append(f'{len(mismatched)} shape mismatch(es): {_format_list(mismatched)}')
   if problems:
-    raise ValueError(f'{ckpt_prefix}: checkpoint does not match the U-Net ({model.ch_mult=}); '
-                     + '; '.join(problems) + '.')
+    raise ValueError(
+      f'{ckpt_prefix}: checkpoint does not match the U-Net ({model.ch_mult=}); ' + '; '.join(problems) + '.'
+    )
   _log.info('Loaded %s weights from TF checkpoint %s.', 'EMA' if ema else 'raw (non-EMA)', ckpt_prefix)
   return _unflatten(out)
 
@@ -937,24 +1091,30 @@ def load_tf_pretrained(ckpt_prefix: str, release: str | None = None, *, ema: boo
     raise ValueError(f'Unknown release {release!r}; choose one of {sorted(RELEASES)}.')
   info = RELEASES[release] if release is not None else None
   reader, var_shapes = _tf_reader(ckpt_prefix)
-  model, image_size = infer_tf_model(var_shapes, image_size=info.image_size if info else None,
-                                     source=ckpt_prefix)
+  model, image_size = infer_tf_model(var_shapes, image_size=info.image_size if info else None, source=ckpt_prefix)
   if info is None:
     info = release_for_architecture(image_size, model.ch_mult)
   if info is not None:
     var_type, clip, what = info.var_type, info.clip_denoised, f'settings of {info.repo_id}'
   else:
     var_type, clip, what = ('fixedlarge' if image_size == 32 else 'fixedsmall'), True, 'default settings'
-    _log.warning('%s matches no released architecture; sampling with var_type=%s and clipping.', ckpt_prefix,
-                 var_type)
+    _log.warning('%s matches no released architecture; sampling with var_type=%s and clipping.', ckpt_prefix, var_type)
   params = _params_from_tf(reader, var_shapes, ckpt_prefix, model, ema=ema, image_size=image_size, scope='model')
-  return Pretrained(model=model, params=params, schedule=sched_lib.get_schedule('linear'),
-                    var_type=var_type, clip_denoised=clip, mean_type='eps', image_size=image_size,
-                    in_channels=var_shapes['model/conv_in/W'][2],
-                    source=f'TF checkpoint {ckpt_prefix} ({"EMA" if ema else "raw"} weights, {what})')
+  return Pretrained(
+    model=model,
+    params=params,
+    schedule=sched_lib.get_schedule('linear'),
+    var_type=var_type,
+    clip_denoised=clip,
+    mean_type='eps',
+    image_size=image_size,
+    in_channels=var_shapes['model/conv_in/W'][2],
+    source=f'TF checkpoint {ckpt_prefix} ({"EMA" if ema else "raw"} weights, {what})',
+  )
 
 
 # --------------------------------------------------------------------------------------- entry point
+
 
 def load_pretrained(spec: str, **kwargs) -> Pretrained:
   """What ``sample.py --pretrained SPEC`` calls: a diffusers folder or repo id, or a TF checkpoint prefix.

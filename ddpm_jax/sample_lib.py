@@ -66,8 +66,10 @@ class SamplerSpec:
     if self.steps is not None and not 1 <= self.steps <= num_timesteps:
       raise ValueError(f'steps must be in [1, {num_timesteps}], got {self.steps}.')
     if self.name == 'ancestral' and self.steps not in (None, num_timesteps):
-      raise ValueError(f"The ancestral sampler runs all T = {num_timesteps} steps; for steps={self.steps} use "
-                       "--sampler respaced or --sampler ddim.")
+      raise ValueError(
+        f'The ancestral sampler runs all T = {num_timesteps} steps; for steps={self.steps} use '
+        '--sampler respaced or --sampler ddim.'
+      )
     if not 0.0 <= self.eta <= 1.0:
       raise ValueError(f'eta must lie in [0, 1], got {self.eta}.')
     if self.eta and self.name != 'ddim':
@@ -76,8 +78,9 @@ class SamplerSpec:
       raise ValueError(f'guidance_scale must be >= 0 (0 = no guidance), got {self.guidance_scale}.')
 
 
-def make_image_sampler(model: Any, schedule: sched_lib.Schedule, spec: SamplerSpec,
-                       image_shape: Sequence[int]) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+def make_image_sampler(
+  model: Any, schedule: sched_lib.Schedule, spec: SamplerSpec, image_shape: Sequence[int]
+) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
   """``sample_one(params, key, label) -> [H, W, C]``: one image in [-1, 1] (unclipped) from its own key.
 
   ``label`` (an int32 scalar) is the class for a class-conditional model (with ``spec.guidance_scale``) and is
@@ -100,17 +103,35 @@ def make_image_sampler(model: Any, schedule: sched_lib.Schedule, spec: SamplerSp
 
     if conditional:
       denoise_fn = sampling.classifier_free_guidance(
-          lambda x, t, y: model.apply({'params': params}, x, t, y, train=False), label[None],
-          null_label=model.null_label(), guidance_scale=spec.guidance_scale)
+        lambda x, t, y: model.apply({'params': params}, x, t, y, train=False),
+        label[None],
+        null_label=model.null_label(),
+        guidance_scale=spec.guidance_scale,
+      )
 
     if spec.name == 'ddim':
-      x = sampling.ddim_sample_loop(schedule, denoise_fn, shape, key, num_steps=spec.steps, eta=spec.eta,
-                                    mean_type=spec.mean_type, clip_denoised=spec.clip_denoised)
+      x = sampling.ddim_sample_loop(
+        schedule,
+        denoise_fn,
+        shape,
+        key,
+        num_steps=spec.steps,
+        eta=spec.eta,
+        mean_type=spec.mean_type,
+        clip_denoised=spec.clip_denoised,
+      )
     else:
       if timestep_map is not None:
         denoise_fn = sampling.remap_timesteps(denoise_fn, timestep_map)
-      x = sampling.p_sample_loop(run_schedule, denoise_fn, shape, key, mean_type=spec.mean_type,
-                                 var_type=spec.var_type, clip_denoised=spec.clip_denoised)
+      x = sampling.p_sample_loop(
+        run_schedule,
+        denoise_fn,
+        shape,
+        key,
+        mean_type=spec.mean_type,
+        var_type=spec.var_type,
+        clip_denoised=spec.clip_denoised,
+      )
     return x[0]
 
   return sample_one
@@ -129,8 +150,17 @@ class BatchSampler:
     devices: local devices (default all).
   """
 
-  def __init__(self, model: Any, params: Any, schedule: sched_lib.Schedule, spec: SamplerSpec,
-               image_shape: Sequence[int], *, seed: int, devices: Sequence[Any] | None = None):
+  def __init__(
+    self,
+    model: Any,
+    params: Any,
+    schedule: sched_lib.Schedule,
+    spec: SamplerSpec,
+    image_shape: Sequence[int],
+    *,
+    seed: int,
+    devices: Sequence[Any] | None = None,
+  ):
     self.devices = list(devices or jax.local_devices())
     self.image_shape = tuple(image_shape)
     self._root = jax.random.key(seed)
@@ -163,7 +193,7 @@ class BatchSampler:
     labels = self.labels(padded)
     labels = np.zeros(padded.shape, np.int32) if labels is None else labels
     out = self._fn(self._params, padded.reshape(n_dev, per).astype(np.uint32), labels.reshape(n_dev, per))
-    out = np.asarray(out).reshape((-1,) + self.image_shape)[:len(indices)]
+    out = np.asarray(out).reshape((-1,) + self.image_shape)[: len(indices)]
     return to_uint8(out)
 
 
@@ -174,8 +204,11 @@ def shard_path(out_dir: str, shard: int) -> str:
 def _shard_is_complete(path: str, expected: np.ndarray, image_shape: Sequence[int]) -> bool:
   try:
     with np.load(path) as f:
-      return (np.array_equal(f['indices'], expected) and f['images'].shape == (len(expected),) + tuple(image_shape)
-              and f['images'].dtype == np.uint8)
+      return (
+        np.array_equal(f['indices'], expected)
+        and f['images'].shape == (len(expected),) + tuple(image_shape)
+        and f['images'].dtype == np.uint8
+      )
   except Exception:  # pylint: disable=broad-except  # a truncated or foreign file: not complete
     return False
 
@@ -204,9 +237,17 @@ def load_samples(out_dir: str, *, with_labels: bool = False) -> np.ndarray | tup
   return np.concatenate(images)[order]
 
 
-def sample_to_dir(sampler: Callable[[np.ndarray], np.ndarray], out_dir: str, *, num_samples: int,
-                  shard_size: int, image_shape: Sequence[int], settings: dict | None = None,
-                  grid_size: int = 64, progress: bool = True) -> dict:
+def sample_to_dir(
+  sampler: Callable[[np.ndarray], np.ndarray],
+  out_dir: str,
+  *,
+  num_samples: int,
+  shard_size: int,
+  image_shape: Sequence[int],
+  settings: dict | None = None,
+  grid_size: int = 64,
+  progress: bool = True,
+) -> dict:
   """Writes ``num_samples`` images in shards of ``shard_size``, skipping shards already finished.
 
   Args:
@@ -234,8 +275,10 @@ def sample_to_dir(sampler: Callable[[np.ndarray], np.ndarray], out_dir: str, *, 
       old = json.load(f)
     if old != json.loads(json.dumps(settings)):
       diff = {k: (old.get(k), settings.get(k)) for k in set(old) | set(settings) if old.get(k) != settings.get(k)}
-      raise ValueError(f'{out_dir!r} holds samples made with other settings {diff} (old, new); choose another '
-                       '--out folder or repeat the original settings to resume.')
+      raise ValueError(
+        f'{out_dir!r} holds samples made with other settings {diff} (old, new); choose another '
+        '--out folder or repeat the original settings to resume.'
+      )
   else:
     with open(meta_path + '.tmp', 'w') as f:
       json.dump(settings, f, indent=2, sort_keys=True, default=str)
@@ -255,8 +298,14 @@ def sample_to_dir(sampler: Callable[[np.ndarray], np.ndarray], out_dir: str, *, 
   bar = None
   if progress and todo:
     import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm.tqdm(total=num_samples, initial=num_samples - sum(len(i) for _, i in todo), unit='img',
-                    dynamic_ncols=True, desc='sampling')
+
+    bar = tqdm.tqdm(
+      total=num_samples,
+      initial=num_samples - sum(len(i) for _, i in todo),
+      unit='img',
+      dynamic_ncols=True,
+      desc='sampling',
+    )
   t0, made = time.time(), 0
   for shard, indices in todo:
     images = sampler(indices)
@@ -274,13 +323,19 @@ def sample_to_dir(sampler: Callable[[np.ndarray], np.ndarray], out_dir: str, *, 
 
   if grid_size:
     from ddpm_jax import image_grid  # pylint: disable=g-import-not-at-top
+
     first, ncols = load_samples(out_dir)[:grid_size], None
     labels = sampler.labels(np.arange(len(first))) if hasattr(sampler, 'labels') else None
     if labels is not None and len(np.unique(labels)) > 1:  # one row per class
       first, ncols = image_grid.rows_by_class(first, labels)
     image_grid.save_png(os.path.join(out_dir, 'grid.png'), first, ncols=ncols, scale=max(1, 64 // first.shape[1]))
-  return dict(num_samples=num_samples, num_shards=num_shards, skipped_shards=skipped, wall_s=wall,
-              images_per_s=made / wall if made and wall > 0 else None)
+  return dict(
+    num_samples=num_samples,
+    num_shards=num_shards,
+    skipped_shards=skipped,
+    wall_s=wall,
+    images_per_s=made / wall if made and wall > 0 else None,
+  )
 
 
 def load_workdir(workdir: str, step: int | None = None):
@@ -319,11 +374,17 @@ def load_workdir(workdir: str, step: int | None = None):
     ckpt.close()
   d, df = config.data, config.diffusion
   return pretrained_lib.Pretrained(
-      model=model, params=state.ema_params, schedule=train_lib.build_schedule(config),
-      # A learned variance is part of the network; otherwise sampling uses the config's sample.var_type.
-      var_type='learned' if df.var_type == 'learned' else config.sample.var_type,
-      clip_denoised=config.sample.clip_denoised, mean_type=df.mean_type, image_size=d.image_size,
-      in_channels=d.channels, source=f'{workdir} step {step} (EMA parameters)')
+    model=model,
+    params=state.ema_params,
+    schedule=train_lib.build_schedule(config),
+    # A learned variance is part of the network; otherwise sampling uses the config's sample.var_type.
+    var_type='learned' if df.var_type == 'learned' else config.sample.var_type,
+    clip_denoised=config.sample.clip_denoised,
+    mean_type=df.mean_type,
+    image_size=d.image_size,
+    in_channels=d.channels,
+    source=f'{workdir} step {step} (EMA parameters)',
+  )
 
 
 def load_model(*, workdir: str | None = None, pretrained: str | None = None, step: int | None = None):
@@ -344,13 +405,29 @@ def load_model(*, workdir: str | None = None, pretrained: str | None = None, ste
   if step is not None:
     raise ValueError('--step applies to --workdir checkpoints only.')
   from ddpm_jax import pretrained as pretrained_lib  # pylint: disable=g-import-not-at-top
+
   return pretrained_lib.load_pretrained(pretrained)
 
 
-def run(*, workdir: str | None, pretrained: str | None, out_dir: str, num_samples: int, batch_size: int = 256,
-        seed: int = 0, step: int | None = None, sampler: str = 'ancestral', steps: int | None = None,
-        eta: float = 0.0, var_type: str | None = None, clip_denoised: bool | None = None, grid_size: int = 64,
-        class_label: int | None = None, guidance_scale: float = 0.0, progress: bool = True) -> dict:
+def run(
+  *,
+  workdir: str | None,
+  pretrained: str | None,
+  out_dir: str,
+  num_samples: int,
+  batch_size: int = 256,
+  seed: int = 0,
+  step: int | None = None,
+  sampler: str = 'ancestral',
+  steps: int | None = None,
+  eta: float = 0.0,
+  var_type: str | None = None,
+  clip_denoised: bool | None = None,
+  grid_size: int = 64,
+  class_label: int | None = None,
+  guidance_scale: float = 0.0,
+  progress: bool = True,
+) -> dict:
   """What ``sample.py`` does: load a model, validate the request, then :func:`sample_to_dir`.
 
   Every argument is checked before anything compiles. See ``sample.py`` for their meaning.
@@ -365,20 +442,36 @@ def run(*, workdir: str | None, pretrained: str | None, out_dir: str, num_sample
     raise ValueError(f'Unknown sampler {sampler!r}; choose one of {SAMPLERS}.')
   loaded = load_model(workdir=workdir, pretrained=pretrained, step=step)
   from ddpm_jax import pretrained as pretrained_lib  # pylint: disable=g-import-not-at-top
+
   k = getattr(loaded.model, 'num_classes', 0)
   # A conditional model without --class_label cycles through the classes (image i gets class i mod K).
-  pretrained_lib.check_conditioning(loaded.model, class_label if class_label is not None or not k else 0,
-                                    guidance_scale)
+  pretrained_lib.check_conditioning(
+    loaded.model, class_label if class_label is not None or not k else 0, guidance_scale
+  )
   # The model's own settings unless overridden; validated before anything compiles.
-  spec = SamplerSpec(name=sampler, steps=steps, eta=eta, var_type=var_type or loaded.var_type,
-                     mean_type=loaded.mean_type,
-                     clip_denoised=loaded.clip_denoised if clip_denoised is None else clip_denoised,
-                     class_label=class_label, guidance_scale=guidance_scale)
+  spec = SamplerSpec(
+    name=sampler,
+    steps=steps,
+    eta=eta,
+    var_type=var_type or loaded.var_type,
+    mean_type=loaded.mean_type,
+    clip_denoised=loaded.clip_denoised if clip_denoised is None else clip_denoised,
+    class_label=class_label,
+    guidance_scale=guidance_scale,
+  )
   spec.validate(loaded.schedule.num_timesteps)
   image_shape = (loaded.image_size, loaded.image_size, loaded.in_channels)
   logging.info('Sampling %d images from %s with %s.', num_samples, loaded.source, spec)
   batch_sampler = BatchSampler(loaded.model, loaded.params, loaded.schedule, spec, image_shape, seed=seed)
   settings = dict(source=loaded.source, seed=seed, sampler=dataclasses.asdict(spec), image_shape=list(image_shape))
-  summary = sample_to_dir(batch_sampler, out_dir, num_samples=num_samples, shard_size=batch_size,
-                          image_shape=image_shape, settings=settings, grid_size=grid_size, progress=progress)
+  summary = sample_to_dir(
+    batch_sampler,
+    out_dir,
+    num_samples=num_samples,
+    shard_size=batch_size,
+    image_shape=image_shape,
+    settings=settings,
+    grid_size=grid_size,
+    progress=progress,
+  )
   return dict(summary, out_dir=out_dir)

@@ -50,9 +50,17 @@ class SampleTrace(NamedTuple):
   pred_xstart: jax.Array
 
 
-def p_sample(schedule: Schedule, denoise_fn: DenoiseFn, x_t: jax.Array, t: jax.Array, key: jax.Array,
-             *, mean_type: MeanType = 'eps', var_type: VarType = 'fixedlarge',
-             clip_denoised: bool = True) -> tuple[jax.Array, jax.Array]:
+def p_sample(
+  schedule: Schedule,
+  denoise_fn: DenoiseFn,
+  x_t: jax.Array,
+  t: jax.Array,
+  key: jax.Array,
+  *,
+  mean_type: MeanType = 'eps',
+  var_type: VarType = 'fixedlarge',
+  clip_denoised: bool = True,
+) -> tuple[jax.Array, jax.Array]:
   """One ancestral step: x_{t-1} ~ p_theta(x_{t-1} | x_t), noiseless where t == 0.
 
   Args:
@@ -69,8 +77,9 @@ def p_sample(schedule: Schedule, denoise_fn: DenoiseFn, x_t: jax.Array, t: jax.A
   Returns:
     ``(x_{t-1} [B, H, W, C], pred_xstart [B, H, W, C])``.
   """
-  out = diffusion.p_mean_variance(schedule, denoise_fn, x_t, t, mean_type=mean_type,
-                                  var_type=var_type, clip_denoised=clip_denoised)
+  out = diffusion.p_mean_variance(
+    schedule, denoise_fn, x_t, t, mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised
+  )
   noise = jax.random.normal(key, x_t.shape, x_t.dtype)
   nonzero = (t != 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
   return out.mean + nonzero * jnp.exp(0.5 * out.log_variance) * noise, out.pred_xstart
@@ -79,9 +88,14 @@ def p_sample(schedule: Schedule, denoise_fn: DenoiseFn, x_t: jax.Array, t: jax.A
 StepFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
-def reverse_scan(step_fn: StepFn, x_init: jax.Array, timesteps: jax.Array | Sequence[int],
-                 key: jax.Array, *, trace_every: int | None = None
-                 ) -> jax.Array | tuple[jax.Array, SampleTrace]:
+def reverse_scan(
+  step_fn: StepFn,
+  x_init: jax.Array,
+  timesteps: jax.Array | Sequence[int],
+  key: jax.Array,
+  *,
+  trace_every: int | None = None,
+) -> jax.Array | tuple[jax.Array, SampleTrace]:
   """Runs ``x <- step_fn(x, t, key)[0]`` for t in ``timesteps`` (in the given order) as one scan.
 
   The building block of every sampler here. Keys are split up front, one per step. With ``trace_every
@@ -114,8 +128,9 @@ def reverse_scan(step_fn: StepFn, x_init: jax.Array, timesteps: jax.Array | Sequ
     x, _ = jax.lax.scan(lambda x, inp: (body(x, inp)[0], None), x_init, (timesteps, keys))
     return x
   if not isinstance(trace_every, int) or trace_every < 1 or num_steps % trace_every:
-    raise ValueError(f'trace_every must be a positive integer dividing the number of steps '
-                     f'({num_steps}), got {trace_every!r}.')
+    raise ValueError(
+      f'trace_every must be a positive integer dividing the number of steps ({num_steps}), got {trace_every!r}.'
+    )
   groups = num_steps // trace_every
   grouped = (timesteps.reshape(groups, trace_every), keys.reshape((groups, trace_every) + keys.shape[1:]))
 
@@ -127,11 +142,19 @@ def reverse_scan(step_fn: StepFn, x_init: jax.Array, timesteps: jax.Array | Sequ
   return x, SampleTrace(t=t_trace, x=x_trace, pred_xstart=pred_trace)
 
 
-def p_sample_loop(schedule: Schedule, denoise_fn: DenoiseFn, shape: Sequence[int], key: jax.Array, *,
-                  mean_type: MeanType = 'eps', var_type: VarType = 'fixedlarge',
-                  clip_denoised: bool = True, trace_every: int | None = None,
-                  x_init: jax.Array | None = None,
-                  start_t: int | None = None) -> jax.Array | tuple[jax.Array, SampleTrace]:
+def p_sample_loop(
+  schedule: Schedule,
+  denoise_fn: DenoiseFn,
+  shape: Sequence[int],
+  key: jax.Array,
+  *,
+  mean_type: MeanType = 'eps',
+  var_type: VarType = 'fixedlarge',
+  clip_denoised: bool = True,
+  trace_every: int | None = None,
+  x_init: jax.Array | None = None,
+  start_t: int | None = None,
+) -> jax.Array | tuple[jax.Array, SampleTrace]:
   """The paper's ancestral sampler: T network evaluations from pure noise to an image in [-1, 1].
 
   Args:
@@ -164,8 +187,9 @@ def p_sample_loop(schedule: Schedule, denoise_fn: DenoiseFn, shape: Sequence[int
     raise ValueError(f'x_init has shape {x_init.shape}, expected {shape}.')
 
   def step(x, t, step_key):
-    return p_sample(schedule, denoise_fn, x, t, step_key, mean_type=mean_type, var_type=var_type,
-                    clip_denoised=clip_denoised)
+    return p_sample(
+      schedule, denoise_fn, x, t, step_key, mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised
+    )
 
   timesteps = jnp.arange(start_t, -1, -1, dtype=jnp.int32)
   return reverse_scan(step, x_init, timesteps, loop_key, trace_every=trace_every)
@@ -177,9 +201,13 @@ def remap_timesteps(denoise_fn: DenoiseFn, timestep_map: jax.Array | Sequence[in
   return lambda x_t, t: denoise_fn(x_t, jnp.take(timestep_map, t))
 
 
-def classifier_free_guidance(model_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
-                             labels: jax.Array, *, null_label: int,
-                             guidance_scale: float | jax.Array) -> DenoiseFn:
+def classifier_free_guidance(
+  model_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+  labels: jax.Array,
+  *,
+  null_label: int,
+  guidance_scale: float | jax.Array,
+) -> DenoiseFn:
   """A ``denoise_fn`` with classifier-free guidance (Ho & Salimans 2022) for a class-conditional network.
 
   eps_hat = (1 + w) eps(x_t, c) - w eps(x_t, null). The conditional and unconditional predictions are computed in
@@ -210,8 +238,9 @@ def classifier_free_guidance(model_fn: Callable[[jax.Array, jax.Array, jax.Array
     if isinstance(guidance_scale, (int, float)) and guidance_scale == 0:
       return model_fn(x_t, t, labels)
     b, c = x_t.shape[0], x_t.shape[-1]
-    out = model_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-                   jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
+    out = model_fn(
+      jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), jnp.concatenate([labels, jnp.full_like(labels, null_label)])
+    )
     cond, uncond = out[:b], out[b:]
     w = jnp.asarray(guidance_scale, out.dtype)
     guided = (1 + w) * cond[..., :c] - w * uncond[..., :c]
@@ -220,11 +249,20 @@ def classifier_free_guidance(model_fn: Callable[[jax.Array, jax.Array, jax.Array
   return denoise_fn
 
 
-def ddim_sample_loop(schedule: Schedule, denoise_fn: DenoiseFn, shape: Sequence[int], key: jax.Array, *,
-                     num_steps: int | None = None, timesteps: Sequence[int] | None = None,
-                     eta: float = 0.0, mean_type: MeanType = 'eps', clip_denoised: bool = True,
-                     trace_every: int | None = None,
-                     x_init: jax.Array | None = None) -> jax.Array | tuple[jax.Array, SampleTrace]:
+def ddim_sample_loop(
+  schedule: Schedule,
+  denoise_fn: DenoiseFn,
+  shape: Sequence[int],
+  key: jax.Array,
+  *,
+  num_steps: int | None = None,
+  timesteps: Sequence[int] | None = None,
+  eta: float = 0.0,
+  mean_type: MeanType = 'eps',
+  clip_denoised: bool = True,
+  trace_every: int | None = None,
+  x_init: jax.Array | None = None,
+) -> jax.Array | tuple[jax.Array, SampleTrace]:
   """DDIM sampling (Song, Meng & Ermon 2021, Eq. 12) over a subsequence of the training timesteps.
 
   For consecutive kept timesteps t > s (s = -1 after the last, with alpha_bar_{-1} = 1):
@@ -258,10 +296,14 @@ def ddim_sample_loop(schedule: Schedule, denoise_fn: DenoiseFn, shape: Sequence[
   if timesteps is None:
     timesteps = sched_lib.space_timesteps(num_timesteps, num_steps or num_timesteps)
   timesteps = np.asarray(timesteps, dtype=np.int64)
-  if (timesteps.ndim != 1 or timesteps.size == 0 or np.any(np.diff(timesteps) <= 0) or timesteps[0] < 0
-      or timesteps[-1] >= num_timesteps):
-    raise ValueError(f'timesteps must be strictly increasing indices in [0, {num_timesteps - 1}], '
-                     f'got {timesteps}.')
+  if (
+    timesteps.ndim != 1
+    or timesteps.size == 0
+    or np.any(np.diff(timesteps) <= 0)
+    or timesteps[0] < 0
+    or timesteps[-1] >= num_timesteps
+  ):
+    raise ValueError(f'timesteps must be strictly increasing indices in [0, {num_timesteps - 1}], got {timesteps}.')
   shape = tuple(int(s) for s in shape)
   # alpha_bar of the step each kept timestep jumps to, as a [T] table indexed by t (static).
   abar = np.asarray(schedule.alphas_cumprod, np.float64)
@@ -275,8 +317,9 @@ def ddim_sample_loop(schedule: Schedule, denoise_fn: DenoiseFn, shape: Sequence[
     raise ValueError(f'x_init has shape {x_init.shape}, expected {shape}.')
 
   def step(x, t, step_key):
-    out = diffusion.p_mean_variance(schedule, denoise_fn, x, t, mean_type=mean_type,
-                                    var_type='fixedsmall', clip_denoised=clip_denoised)
+    out = diffusion.p_mean_variance(
+      schedule, denoise_fn, x, t, mean_type=mean_type, var_type='fixedsmall', clip_denoised=clip_denoised
+    )
     eps = diffusion.predict_eps_from_xstart(schedule, x, t, out.pred_xstart)
     a_t = diffusion.extract(schedule.alphas_cumprod, t, x.ndim)
     a_s = diffusion.extract(abar_next, t, x.ndim)

@@ -32,12 +32,12 @@ BETA_SCHEDULES = ('linear', 'quad', 'const', 'jsd', 'warmup10', 'warmup50', 'cos
 
 
 def get_beta_schedule(
-    name: str = 'linear',
-    *,
-    beta_start: float = 1e-4,
-    beta_end: float = 0.02,
-    num_timesteps: int = 1000,
-    cosine_s: float = 0.008,
+  name: str = 'linear',
+  *,
+  beta_start: float = 1e-4,
+  beta_end: float = 0.02,
+  num_timesteps: int = 1000,
+  cosine_s: float = 0.008,
 ) -> np.ndarray:
   """Returns the betas of a named schedule as a float64 numpy array of shape [num_timesteps].
 
@@ -69,8 +69,7 @@ def get_beta_schedule(
   if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
     raise ValueError(f'num_timesteps must be a positive integer, got {num_timesteps!r}.')
   if name != 'cosine' and not 0.0 < beta_start <= beta_end <= 1.0:
-    raise ValueError(
-        f'Need 0 < beta_start <= beta_end <= 1, got beta_start={beta_start!r}, beta_end={beta_end!r}.')
+    raise ValueError(f'Need 0 < beta_start <= beta_end <= 1, got beta_start={beta_start!r}, beta_end={beta_end!r}.')
   n = int(num_timesteps)
   if name == 'linear':
     betas = np.linspace(beta_start, beta_end, n, dtype=np.float64)
@@ -166,23 +165,23 @@ def schedule_tables(betas: np.ndarray | Sequence[float]) -> dict[str, np.ndarray
     coef1 = betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)
     coef2 = (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod)
     tables = dict(
-        betas=betas,
-        alphas_cumprod=alphas_cumprod,
-        alphas_cumprod_prev=alphas_cumprod_prev,
-        sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
-        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
-        log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
-        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
-        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
-        posterior_variance=posterior_variance,
-        # posterior_variance[0] is 0, so its log is replaced by the next entry's, as in the original.
-        posterior_log_variance_clipped=np.log(np.append(posterior_variance[1], posterior_variance[1:])),
-        posterior_mean_coef1=coef1,
-        posterior_mean_coef2=coef2,
-        recip_posterior_mean_coef1=1.0 / coef1,
-        posterior_mean_coef2_over_coef1=coef2 / coef1,
-        fixedlarge_variance=betas,
-        fixedlarge_log_variance=np.log(np.append(posterior_variance[1], betas[1:])),
+      betas=betas,
+      alphas_cumprod=alphas_cumprod,
+      alphas_cumprod_prev=alphas_cumprod_prev,
+      sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
+      sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+      log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
+      sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
+      sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
+      posterior_variance=posterior_variance,
+      # posterior_variance[0] is 0, so its log is replaced by the next entry's, as in the original.
+      posterior_log_variance_clipped=np.log(np.append(posterior_variance[1], posterior_variance[1:])),
+      posterior_mean_coef1=coef1,
+      posterior_mean_coef2=coef2,
+      recip_posterior_mean_coef1=1.0 / coef1,
+      posterior_mean_coef2_over_coef1=coef2 / coef1,
+      fixedlarge_variance=betas,
+      fixedlarge_log_variance=np.log(np.append(posterior_variance[1], betas[1:])),
     )
   return tables
 
@@ -202,15 +201,14 @@ def make_schedule(betas: np.ndarray | Sequence[float]) -> Schedule:
 
 
 def get_schedule(
-    name: str = 'linear',
-    *,
-    beta_start: float = 1e-4,
-    beta_end: float = 0.02,
-    num_timesteps: int = 1000,
+  name: str = 'linear',
+  *,
+  beta_start: float = 1e-4,
+  beta_end: float = 0.02,
+  num_timesteps: int = 1000,
 ) -> Schedule:
   """``make_schedule(get_beta_schedule(...))``: the paper's schedule with the default arguments."""
-  return make_schedule(
-      get_beta_schedule(name, beta_start=beta_start, beta_end=beta_end, num_timesteps=num_timesteps))
+  return make_schedule(get_beta_schedule(name, beta_start=beta_start, beta_end=beta_end, num_timesteps=num_timesteps))
 
 
 def space_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
@@ -234,8 +232,9 @@ def space_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
   return steps
 
 
-def respace_betas(betas: np.ndarray | Sequence[float],
-                  use_timesteps: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def respace_betas(
+  betas: np.ndarray | Sequence[float], use_timesteps: Sequence[int] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
   """Betas of a shorter forward process that visits only ``use_timesteps`` of the original one.
 
   Keeps alpha_bar at each kept step unchanged (Nichol & Dhariwal 2021, Sec. 4): with kept steps
@@ -255,8 +254,7 @@ def respace_betas(betas: np.ndarray | Sequence[float],
   if keep.ndim != 1 or keep.size == 0:
     raise ValueError(f'use_timesteps must be a non-empty 1-D sequence, got shape {keep.shape}.')
   if np.any(np.diff(keep) <= 0) or keep[0] < 0 or keep[-1] >= betas.shape[0]:
-    raise ValueError(
-        f'use_timesteps must be strictly increasing indices in [0, {betas.shape[0] - 1}], got {keep}.')
+    raise ValueError(f'use_timesteps must be strictly increasing indices in [0, {betas.shape[0] - 1}], got {keep}.')
   alphas_cumprod = np.cumprod(1.0 - betas)[keep]
   prev = np.append(1.0, alphas_cumprod[:-1])
   return 1.0 - alphas_cumprod / prev, keep.astype(np.int32)

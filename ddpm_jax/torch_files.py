@@ -28,10 +28,17 @@ import ml_dtypes
 import numpy as np
 
 _STORAGE_DTYPES = {
-    'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
-    'BFloat16Storage': ml_dtypes.bfloat16, 'LongStorage': np.int64, 'IntStorage': np.int32,
-    'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8, 'BoolStorage': np.bool_,
-    'UntypedStorage': np.uint8,
+  'FloatStorage': np.float32,
+  'DoubleStorage': np.float64,
+  'HalfStorage': np.float16,
+  'BFloat16Storage': ml_dtypes.bfloat16,
+  'LongStorage': np.int64,
+  'IntStorage': np.int32,
+  'ShortStorage': np.int16,
+  'CharStorage': np.int8,
+  'ByteStorage': np.uint8,
+  'BoolStorage': np.bool_,
+  'UntypedStorage': np.uint8,
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
@@ -50,11 +57,13 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple
   del unused  # requires_grad, backward hooks, metadata
   size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
   if not size:
-    return storage[offset:offset + 1].reshape(()).copy()
+    return storage[offset : offset + 1].reshape(()).copy()
   extent = offset + 1 + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset
   if extent > storage.size:
-    raise ValueError(f'tensor of size {size} and stride {stride} at offset {offset} runs past its storage of '
-                     f'{storage.size} elements: the file is damaged.')
+    raise ValueError(
+      f'tensor of size {size} and stride {stride} at offset {offset} runs past its storage of '
+      f'{storage.size} elements: the file is damaged.'
+    )
   item = storage.itemsize
   view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size, strides=tuple(s * item for s in stride))
   return np.ascontiguousarray(view)
@@ -89,11 +98,11 @@ class _Unpickler(pickle.Unpickler):
     super().__init__(file)
     self._load_storage = load_storage
     self._allowed = {
-        ('collections', 'OrderedDict'): collections.OrderedDict,
-        ('torch._utils', '_rebuild_tensor_v2'): rebuild_tensor,
-        ('torch._utils', '_rebuild_tensor'): rebuild_tensor,
-        ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-        ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
+      ('collections', 'OrderedDict'): collections.OrderedDict,
+      ('torch._utils', '_rebuild_tensor_v2'): rebuild_tensor,
+      ('torch._utils', '_rebuild_tensor'): rebuild_tensor,
+      ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
+      ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
     }
 
   def find_class(self, module, name):
@@ -102,8 +111,9 @@ class _Unpickler(pickle.Unpickler):
     if (module, name) in self._allowed:
       return self._allowed[(module, name)]
     raise pickle.UnpicklingError(
-        f'{module}.{name} is not part of a plain tensor state dict; refusing to unpickle it (this reader, like '
-        "torch.load(weights_only=True), loads tensors only). Load the file with torch and re-save its state_dict().")
+      f'{module}.{name} is not part of a plain tensor state dict; refusing to unpickle it (this reader, like '
+      'torch.load(weights_only=True), loads tensors only). Load the file with torch and re-save its state_dict().'
+    )
 
   def persistent_load(self, pid):
     if not isinstance(pid, tuple) or not pid or pid[0] not in ('storage', b'storage'):
@@ -117,7 +127,7 @@ def _load_zip(path: str) -> Any:
     pkl = [n for n in names if n.endswith('/data.pkl') or n == 'data.pkl']
     if len(pkl) != 1:
       raise ValueError(f'{path!r} is a zip file but not a torch.save archive (no single data.pkl in it).')
-    root = pkl[0][:-len('data.pkl')]
+    root = pkl[0][: -len('data.pkl')]
     order = '<'
     if root + 'byteorder' in names:
       order = '<' if zf.read(root + 'byteorder').decode().strip() == 'little' else '>'

@@ -58,8 +58,10 @@ class NonFiniteLossError(FloatingPointError):
 # Config validation (pure Python: runs before anything is built or compiled)
 # ------------------------------------------------------------------------------------------------------------------
 
-def validate_config(config: ml_collections.ConfigDict, *, device_count: int | None = None,
-                    process_count: int = 1) -> None:
+
+def validate_config(
+  config: ml_collections.ConfigDict, *, device_count: int | None = None, process_count: int = 1
+) -> None:
   """Checks a training config; raises `ConfigError` naming the bad value and the fix.
 
   Args:
@@ -67,21 +69,26 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
     device_count: the global device count, or None to skip device checks.
     process_count: the number of hosts.
   """
+
   def fail(msg):
     raise ConfigError(msg)
 
   d, m, o, t, s = config.data, config.model, config.optim, config.train, config.sample
   if d.dataset not in input_pipeline.DATASETS:
-    fail(f'Unknown data.dataset={d.dataset!r}; choose one of {input_pipeline.DATASETS} '
-         "(or 'folder' with data.folder=/path/to/images).")
+    fail(
+      f'Unknown data.dataset={d.dataset!r}; choose one of {input_pipeline.DATASETS} '
+      "(or 'folder' with data.folder=/path/to/images)."
+    )
   if d.dataset == 'folder':
     if not d.folder:
       fail("data.dataset='folder' needs data.folder: pass --config.data.folder=/path/to/images.")
     if not os.path.isdir(d.folder):
       fail(f'data.folder={d.folder!r} does not exist or is not a directory; pass an existing folder of images.')
     if not input_pipeline.list_image_files(d.folder):
-      fail(f'data.folder={d.folder!r} holds no {"/".join(input_pipeline.IMAGE_EXTENSIONS)} files; '
-           'point it at a folder of PNG/JPEG images.')
+      fail(
+        f'data.folder={d.folder!r} holds no {"/".join(input_pipeline.IMAGE_EXTENSIONS)} files; '
+        'point it at a folder of PNG/JPEG images.'
+      )
   if d.channels not in (1, 3):
     fail(f'data.channels={d.channels!r} must be 1 (grey) or 3 (RGB).')
   if d.dataset == 'digits' and d.channels != 1:
@@ -91,15 +98,25 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
   if d.prefetch < 0:
     fail(f'data.prefetch={d.prefetch!r} must be >= 0.')
   if not d.in_memory and d.dataset not in input_pipeline.TFDS_DATASETS:
-    fail(f'data.in_memory=False streams tfds datasets only; {d.dataset!r} is always held in memory: '
-         'set data.in_memory=True.')
+    fail(
+      f'data.in_memory=False streams tfds datasets only; {d.dataset!r} is always held in memory: '
+      'set data.in_memory=True.'
+    )
 
   try:
     unet_lib.validate_unet_config(
-        ch=m.ch, out_ch=_out_channels(d.channels, config.diffusion.var_type), ch_mult=tuple(m.ch_mult),
-        num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
-        resamp_with_conv=m.resamp_with_conv, num_groups=m.num_groups, dtype=m.dtype,
-        remat=m.get('remat', False), num_classes=m.get('num_classes', 0))
+      ch=m.ch,
+      out_ch=_out_channels(d.channels, config.diffusion.var_type),
+      ch_mult=tuple(m.ch_mult),
+      num_res_blocks=m.num_res_blocks,
+      attn_resolutions=tuple(m.attn_resolutions),
+      dropout=m.dropout,
+      resamp_with_conv=m.resamp_with_conv,
+      num_groups=m.num_groups,
+      dtype=m.dtype,
+      remat=m.get('remat', False),
+      num_classes=m.get('num_classes', 0),
+    )
     unet_lib.validate_unet_input((1, d.image_size, d.image_size, d.channels), ch_mult=tuple(m.ch_mult))
   except ValueError as e:
     fail(f'model/data: {e}')
@@ -107,19 +124,25 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
   if m.get('num_classes', 0):
     k = m.num_classes
     if d.dataset not in input_pipeline.LABELED_DATASETS:
-      fail(f'model.num_classes={k} needs a labelled dataset ({sorted(input_pipeline.LABELED_DATASETS)}, a folder '
-           f'with one sub-folder per class); data.dataset={d.dataset!r} has no labels. Set model.num_classes=0.')
+      fail(
+        f'model.num_classes={k} needs a labelled dataset ({sorted(input_pipeline.LABELED_DATASETS)}, a folder '
+        f'with one sub-folder per class); data.dataset={d.dataset!r} has no labels. Set model.num_classes=0.'
+      )
     expected = input_pipeline.LABELED_DATASETS[d.dataset]
     if d.dataset == 'folder' and d.folder and os.path.isdir(d.folder):
       expected = len(input_pipeline.folder_classes(d.folder))
     if expected is not None and k != expected:
-      fail(f'model.num_classes={k} but data.dataset={d.dataset!r} has {expected} classes; set '
-           f'model.num_classes={expected}.')
+      fail(
+        f'model.num_classes={k} but data.dataset={d.dataset!r} has {expected} classes; set '
+        f'model.num_classes={expected}.'
+      )
     if not d.in_memory:
       fail('Class-conditional training reads labels from the in-memory path: set data.in_memory=True.')
     if not 0 <= m.class_dropout < 1:
-      fail(f'model.class_dropout={m.class_dropout!r} must lie in [0, 1) (e.g. 0.1; 0 = no unconditional '
-           'training, so no classifier-free guidance).')
+      fail(
+        f'model.class_dropout={m.class_dropout!r} must lie in [0, 1) (e.g. 0.1; 0 = no unconditional '
+        'training, so no classifier-free guidance).'
+      )
   if s.get('guidance_scale', 0.0) < 0:
     fail(f'sample.guidance_scale={s.guidance_scale!r} must be >= 0 (0 = no guidance).')
   if s.get('guidance_scale', 0.0) and not m.get('num_classes', 0):
@@ -136,8 +159,10 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
   except ValueError as e:
     fail(f'diffusion/sample: {e}')
   if (s.var_type == 'learned') != (df.var_type == 'learned'):
-    fail(f"sample.var_type={s.var_type!r} and diffusion.var_type={df.var_type!r}: a 'learned' variance must be "
-         'used for both training and sampling, or for neither.')
+    fail(
+      f"sample.var_type={s.var_type!r} and diffusion.var_type={df.var_type!r}: a 'learned' variance must be "
+      'used for both training and sampling, or for neither.'
+    )
 
   if not o.lr > 0:
     fail(f'optim.lr={o.lr!r} must be positive (paper: 2e-4 for CIFAR-10, 2e-5 at 256x256).')
@@ -154,11 +179,15 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
   if o.batch_size < 1:
     fail(f'optim.batch_size={o.batch_size!r} must be positive.')
   if o.clip_groups < 0 or (o.clip_groups and o.batch_size % o.clip_groups):
-    fail(f'optim.clip_groups={o.clip_groups!r} must be 0 or divide optim.batch_size={o.batch_size} '
-         '(the paper on a TPU v3-8: 8 groups of 16).')
+    fail(
+      f'optim.clip_groups={o.clip_groups!r} must be 0 or divide optim.batch_size={o.batch_size} '
+      '(the paper on a TPU v3-8: 8 groups of 16).'
+    )
   if o.clip_groups and o.grad_clip == 0:
-    fail(f'optim.clip_groups={o.clip_groups} clips per group, but optim.grad_clip=0 disables clipping; '
-         'set optim.grad_clip > 0 or optim.clip_groups=0.')
+    fail(
+      f'optim.clip_groups={o.clip_groups} clips per group, but optim.grad_clip=0 disables clipping; '
+      'set optim.grad_clip > 0 or optim.clip_groups=0.'
+    )
 
   for name in ('num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
     if t[name] < 1:
@@ -168,13 +197,17 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
 
   if device_count is not None:
     if o.batch_size % device_count:
-      fail(f'optim.batch_size={o.batch_size} is not divisible by the {device_count} devices; use a multiple of '
-           f'{device_count} (e.g. {device_count * max(1, o.batch_size // device_count)}).')
+      fail(
+        f'optim.batch_size={o.batch_size} is not divisible by the {device_count} devices; use a multiple of '
+        f'{device_count} (e.g. {device_count * max(1, o.batch_size // device_count)}).'
+      )
     if o.batch_size % process_count:
       fail(f'optim.batch_size={o.batch_size} is not divisible by the {process_count} hosts.')
     if o.clip_groups and o.clip_groups % device_count:
-      fail(f'optim.clip_groups={o.clip_groups} must be a multiple of the {device_count} devices so that groups do '
-           f'not straddle devices; use {device_count * max(1, -(-o.clip_groups // device_count))} or 0.')
+      fail(
+        f'optim.clip_groups={o.clip_groups} must be a multiple of the {device_count} devices so that groups do '
+        f'not straddle devices; use {device_count * max(1, -(-o.clip_groups // device_count))} or 0.'
+      )
     if t.num_samples % device_count:
       fail(f'train.num_samples={t.num_samples} must be divisible by the {device_count} devices.')
 
@@ -187,6 +220,7 @@ def _out_channels(channels: int, var_type: str) -> int:
 # State, optimizer, step
 # ------------------------------------------------------------------------------------------------------------------
 
+
 @flax.struct.dataclass
 class TrainState:
   """Everything a run needs to continue: a pytree of arrays.
@@ -197,6 +231,7 @@ class TrainState:
     ema_params: exponential moving average of params (what sampling uses).
     opt_state: optax state.
   """
+
   step: Any
   params: Any
   ema_params: Any
@@ -210,8 +245,16 @@ def warmup_lr(lr: float, warmup_steps: int) -> optax.Schedule:
   return optax.linear_schedule(init_value=0.0, end_value=lr, transition_steps=warmup_steps)
 
 
-def make_optimizer(*, lr: float, warmup_steps: int, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-                   grad_clip: float = 1.0, clip_in_optimizer: bool = True) -> optax.GradientTransformation:
+def make_optimizer(
+  *,
+  lr: float,
+  warmup_steps: int,
+  beta1: float = 0.9,
+  beta2: float = 0.999,
+  eps: float = 1e-8,
+  grad_clip: float = 1.0,
+  clip_in_optimizer: bool = True,
+) -> optax.GradientTransformation:
   """Clip by global norm (if ``clip_in_optimizer`` and grad_clip > 0), then Adam with the warmup schedule."""
   parts = []
   if clip_in_optimizer and grad_clip > 0:
@@ -223,25 +266,41 @@ def make_optimizer(*, lr: float, warmup_steps: int, beta1: float = 0.9, beta2: f
 def build_schedule(config: ml_collections.ConfigDict) -> schedule_lib.Schedule:
   """The forward process of a training config (``config.diffusion``)."""
   df = config.diffusion
-  return schedule_lib.get_schedule(df.beta_schedule, beta_start=df.beta_start, beta_end=df.beta_end,
-                                   num_timesteps=df.num_timesteps)
+  return schedule_lib.get_schedule(
+    df.beta_schedule, beta_start=df.beta_start, beta_end=df.beta_end, num_timesteps=df.num_timesteps
+  )
 
 
 def build_model(config: ml_collections.ConfigDict) -> unet_lib.UNet:
   """The U-Net of a training config (``config.model`` with the data's channels and the variance type)."""
   m, d = config.model, config.data
-  return unet_lib.UNet(ch=m.ch, out_ch=_out_channels(d.channels, config.diffusion.var_type), ch_mult=tuple(m.ch_mult),
-                       num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
-                       dropout=m.dropout, resamp_with_conv=m.resamp_with_conv, num_groups=m.num_groups,
-                       dtype=jnp.dtype(m.dtype), remat=bool(m.get('remat', False)),
-                       num_classes=int(m.get('num_classes', 0)))
+  return unet_lib.UNet(
+    ch=m.ch,
+    out_ch=_out_channels(d.channels, config.diffusion.var_type),
+    ch_mult=tuple(m.ch_mult),
+    num_res_blocks=m.num_res_blocks,
+    attn_resolutions=tuple(m.attn_resolutions),
+    dropout=m.dropout,
+    resamp_with_conv=m.resamp_with_conv,
+    num_groups=m.num_groups,
+    dtype=jnp.dtype(m.dtype),
+    remat=bool(m.get('remat', False)),
+    num_classes=int(m.get('num_classes', 0)),
+  )
 
 
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The optimizer of a training config (``config.optim``); clipping moves into the step with clip_groups."""
   o = config.optim
-  return make_optimizer(lr=o.lr, warmup_steps=o.warmup_steps, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
-                        grad_clip=o.grad_clip, clip_in_optimizer=o.clip_groups == 0)
+  return make_optimizer(
+    lr=o.lr,
+    warmup_steps=o.warmup_steps,
+    beta1=o.beta1,
+    beta2=o.beta2,
+    eps=o.eps,
+    grad_clip=o.grad_clip,
+    clip_in_optimizer=o.clip_groups == 0,
+  )
 
 
 def abstract_state(config: ml_collections.ConfigDict, model: Any | None = None) -> TrainState:
@@ -257,6 +316,7 @@ def abstract_state(config: ml_collections.ConfigDict, model: Any | None = None) 
   def make():
     params = _init(model, image_shape, jax.random.key(0))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params))
+
   return jax.eval_shape(make)
 
 
@@ -278,17 +338,31 @@ def create_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
   return jax.device_get(state)
 
 
-def init_state(model: Any, tx: optax.GradientTransformation, *, image_shape: tuple[int, int, int],
-               key: jax.Array) -> TrainState:
+def init_state(
+  model: Any, tx: optax.GradientTransformation, *, image_shape: tuple[int, int, int], key: jax.Array
+) -> TrainState:
   """Initial state on the host: `init_params` then `create_state`."""
   return create_state(init_params(model, image_shape=image_shape, key=key), tx)
 
 
-def train_step(state: TrainState, batch: jax.Array, key: jax.Array, *, model: Any,
-               schedule: schedule_lib.Schedule, tx: optax.GradientTransformation, lr_fn: optax.Schedule,
-               ema_decay: float, mean_type: str = 'eps', var_type: str = 'fixedlarge', loss_type: str = 'mse',
-               grad_clip: float = 1.0, groups_per_device: int = 0, class_dropout: float = 0.0,
-               axis_name: str = AXIS) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState,
+  batch: jax.Array,
+  key: jax.Array,
+  *,
+  model: Any,
+  schedule: schedule_lib.Schedule,
+  tx: optax.GradientTransformation,
+  lr_fn: optax.Schedule,
+  ema_decay: float,
+  mean_type: str = 'eps',
+  var_type: str = 'fixedlarge',
+  loss_type: str = 'mse',
+  grad_clip: float = 1.0,
+  groups_per_device: int = 0,
+  class_dropout: float = 0.0,
+  axis_name: str = AXIS,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on this device's part of the global batch (run under `make_p_train_step`'s
   `jax.shard_map`, or `jax.pmap`, with ``axis_name``).
 
@@ -324,8 +398,11 @@ def train_step(state: TrainState, batch: jax.Array, key: jax.Array, *, model: An
   else:
     labels = None
   if (labels is None) != (not num_classes):
-    raise ValueError(f'model.num_classes={num_classes} needs batches of '
-                     + ("{'image', 'label'}" if num_classes else 'images without labels') + '.')
+    raise ValueError(
+      f'model.num_classes={num_classes} needs batches of '
+      + ("{'image', 'label'}" if num_classes else 'images without labels')
+      + '.'
+    )
   b = batch.shape[0]
   step_key = jax.random.fold_in(key, state.step)
   t_key, noise_key, dropout_key = jax.random.split(step_key, 3)
@@ -335,7 +412,8 @@ def train_step(state: TrainState, batch: jax.Array, key: jax.Array, *, model: An
   num_t = schedule.num_timesteps
   t = jax.vmap(lambda i: jax.random.randint(jax.random.fold_in(t_key, i), (), 0, num_t))(global_index)
   noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), batch.shape[1:], batch.dtype))(
-      global_index)
+    global_index
+  )
   if labels is not None:  # A separate key (not a 4-way split) keeps unconditional runs' numbers unchanged.
     label_key = jax.random.fold_in(step_key, 3)
     drop = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(label_key, i), class_dropout))(global_index)
@@ -347,8 +425,10 @@ def train_step(state: TrainState, batch: jax.Array, key: jax.Array, *, model: An
     def denoise_fn(x_t, t_in):
       y_arg = (y,) if num_classes else ()
       return model.apply({'params': params}, x_t, t_in, *y_arg, train=True, rngs={'dropout': rng})
-    losses = diffusion.training_losses(schedule, denoise_fn, x, tt, eps, mean_type=mean_type, var_type=var_type,
-                                       loss_type=loss_type)
+
+    losses = diffusion.training_losses(
+      schedule, denoise_fn, x, tt, eps, mean_type=mean_type, var_type=var_type, loss_type=loss_type
+    )
     return jnp.mean(losses)
 
   grad_fn = jax.value_and_grad(loss_fn)
@@ -411,13 +491,29 @@ def make_p_train_step(devices=None, **step_kwargs) -> Callable:
   # check_vma=False, as jax.pmap has it: the step averages gradients with explicit pmeans (with the checks on,
   # autodiff would also sum the gradients of the replicated params). The state comes out identical on every
   # device (tests/test_train.py checks it).
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(REPLICATED, SPLIT, REPLICATED),
-                               out_specs=(REPLICATED, REPLICATED), check_vma=False), donate_argnums=(0,))
+  return jax.jit(
+    jax.shard_map(
+      per_device,
+      mesh=mesh,
+      in_specs=(REPLICATED, SPLIT, REPLICATED),
+      out_specs=(REPLICATED, REPLICATED),
+      check_vma=False,
+    ),
+    donate_argnums=(0,),
+  )
 
 
-def make_p_sample(model: Any, schedule: schedule_lib.Schedule, *, shape_per_device: tuple[int, ...],
-                  mean_type: str, var_type: str, clip_denoised: bool, guidance_scale: float = 0.0,
-                  devices=None) -> Callable:
+def make_p_sample(
+  model: Any,
+  schedule: schedule_lib.Schedule,
+  *,
+  shape_per_device: tuple[int, ...],
+  mean_type: str,
+  var_type: str,
+  clip_denoised: bool,
+  guidance_scale: float = 0.0,
+  devices=None,
+) -> Callable:
   """Data-parallel ancestral sampling: ``p_sample(params, key) -> [D, n, H, W, C]`` in [-1, 1].
 
   ``params`` as `data_parallel.replicate` places them (the train state's ``ema_params``); device ``d`` draws its
@@ -437,19 +533,27 @@ def make_p_sample(model: Any, schedule: schedule_lib.Schedule, *, shape_per_devi
       n = shape_per_device[0]
       labels = (device * n + jnp.arange(n)) % num_classes
       denoise_fn = sampling.classifier_free_guidance(
-          lambda x, t, y: model.apply({'params': params}, x, t, y, train=False), labels,
-          null_label=num_classes, guidance_scale=guidance_scale)
-    x = sampling.p_sample_loop(schedule, denoise_fn, shape_per_device, key, mean_type=mean_type,
-                               var_type=var_type, clip_denoised=clip_denoised)
+        lambda x, t, y: model.apply({'params': params}, x, t, y, train=False),
+        labels,
+        null_label=num_classes,
+        guidance_scale=guidance_scale,
+      )
+    x = sampling.p_sample_loop(
+      schedule, denoise_fn, shape_per_device, key, mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised
+    )
     return x[None]
 
-  return jax.jit(jax.shard_map(sample, mesh=data_parallel.make_mesh(devices), in_specs=(REPLICATED, REPLICATED),
-                               out_specs=SPLIT, check_vma=False))
+  return jax.jit(
+    jax.shard_map(
+      sample, mesh=data_parallel.make_mesh(devices), in_specs=(REPLICATED, REPLICATED), out_specs=SPLIT, check_vma=False
+    )
+  )
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------------------------
+
 
 class _StopOnSignal:
   """Turns SIGTERM/SIGINT into a flag the loop polls (a preempted TPU VM gets SIGTERM); a second signal kills."""
@@ -503,8 +607,11 @@ def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       old = _flat(ml_collections.ConfigDict(json.load(f)))
     changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
     if changed:
-      logging.warning('Config differs from the one saved in %s: %s', path,
-                      ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in sorted(changed.items())))
+      logging.warning(
+        'Config differs from the one saved in %s: %s',
+        path,
+        ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in sorted(changed.items())),
+      )
       os.replace(path, os.path.join(workdir, f'config.{time.strftime("%Y%m%d-%H%M%S")}.json'))
   checkpoint_lib.save_json(path, config.to_dict())
 
@@ -561,15 +668,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   input_pipeline.hide_accelerators_from_tf()  # clu's TensorBoard writer imports TensorFlow.
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  # TensorBoard only (the progress line is our log); other hosts write nothing.
-  writer = (metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)) if is_chief
-            else metric_writers.MultiWriter([]))
 
-  summary = {'start_step': start_step, 'final_step': start_step, 'stopped_by_signal': None, 'loss': None,
-             'steps_per_sec': None, 'wall_s': None, 'checkpoint_dir': ckpt.directory, 'last_samples': None}
+  # TensorBoard only (the progress line is our log); other hosts write nothing.
+  writer = (
+    metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)) if is_chief else metric_writers.MultiWriter([])
+  )
+
+  summary = {
+    'start_step': start_step,
+    'final_step': start_step,
+    'stopped_by_signal': None,
+    'loss': None,
+    'steps_per_sec': None,
+    'wall_s': None,
+    'checkpoint_dir': ckpt.directory,
+    'last_samples': None,
+  }
   if start_step >= t.num_steps:
-    logging.info('Checkpoint step %d already reaches train.num_steps=%d; nothing to train.', start_step,
-                 t.num_steps)
+    logging.info('Checkpoint step %d already reaches train.num_steps=%d; nothing to train.', start_step, t.num_steps)
     ckpt.close()
     writer.close()
     summary['wall_s'] = time.time() - t_wall
@@ -579,35 +695,76 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   common = dict(num_local_devices=n_dev, process_index=jax.process_index(), process_count=jax.process_count())
   num_classes = int(config.model.get('num_classes', 0))
   if d.in_memory:
-    loaded = input_pipeline.load_array(d.dataset, split=d.split, image_size=d.image_size, channels=d.channels,
-                                       folder=d.folder, data_dir=d.data_dir, with_labels=bool(num_classes))
+    loaded = input_pipeline.load_array(
+      d.dataset,
+      split=d.split,
+      image_size=d.image_size,
+      channels=d.channels,
+      folder=d.folder,
+      data_dir=d.data_dir,
+      with_labels=bool(num_classes),
+    )
     images, labels = loaded if num_classes else (loaded, None)
     if labels is not None and (labels.min() < 0 or labels.max() >= num_classes):
-      raise ConfigError(f'Labels of {d.dataset!r} span {labels.min()}..{labels.max()}, outside '
-                        f'0..{num_classes - 1}: set model.num_classes to the number of classes.')
-    logging.info('Data: %d images of %s held in memory%s.', len(images), images.shape[1:],
-                 f', {num_classes} classes' if num_classes else '')
-    batches = input_pipeline.in_memory_batches(images, global_batch=o.batch_size, seed=data_seed,
-                                               start_step=start_step, random_flip=d.random_flip, labels=labels,
-                                               **common)
+      raise ConfigError(
+        f'Labels of {d.dataset!r} span {labels.min()}..{labels.max()}, outside '
+        f'0..{num_classes - 1}: set model.num_classes to the number of classes.'
+      )
+    logging.info(
+      'Data: %d images of %s held in memory%s.',
+      len(images),
+      images.shape[1:],
+      f', {num_classes} classes' if num_classes else '',
+    )
+    batches = input_pipeline.in_memory_batches(
+      images,
+      global_batch=o.batch_size,
+      seed=data_seed,
+      start_step=start_step,
+      random_flip=d.random_flip,
+      labels=labels,
+      **common,
+    )
   else:
     batches = input_pipeline.tfds_stream_batches(
-        d.dataset, split=d.split, image_size=d.image_size, channels=d.channels, global_batch=o.batch_size,
-        seed=data_seed, start_step=start_step, random_flip=d.random_flip, shuffle_buffer=d.shuffle_buffer,
-        data_dir=d.data_dir, **common)
+      d.dataset,
+      split=d.split,
+      image_size=d.image_size,
+      channels=d.channels,
+      global_batch=o.batch_size,
+      seed=data_seed,
+      start_step=start_step,
+      random_flip=d.random_flip,
+      shuffle_buffer=d.shuffle_buffer,
+      data_dir=d.data_dir,
+      **common,
+    )
   batches = input_pipeline.prefetch_to_device(batches, d.prefetch, data_parallel.device_sharding())
 
   p_train_step = make_p_train_step(
-      model=model, schedule=schedule, tx=tx, lr_fn=warmup_lr(o.lr, o.warmup_steps),
-      ema_decay=o.ema_decay, mean_type=df.mean_type, var_type=df.var_type, loss_type=df.loss_type,
-      grad_clip=o.grad_clip, groups_per_device=o.clip_groups // jax.device_count() if o.clip_groups else 0,
-      class_dropout=float(config.model.get('class_dropout', 0.0)) if num_classes else 0.0)
+    model=model,
+    schedule=schedule,
+    tx=tx,
+    lr_fn=warmup_lr(o.lr, o.warmup_steps),
+    ema_decay=o.ema_decay,
+    mean_type=df.mean_type,
+    var_type=df.var_type,
+    loss_type=df.loss_type,
+    grad_clip=o.grad_clip,
+    groups_per_device=o.clip_groups // jax.device_count() if o.clip_groups else 0,
+    class_dropout=float(config.model.get('class_dropout', 0.0)) if num_classes else 0.0,
+  )
   p_sample = None
   if t.num_samples:
-    p_sample = make_p_sample(model, schedule, shape_per_device=(t.num_samples // jax.device_count(),) + image_shape,
-                             mean_type=df.mean_type, var_type=config.sample.var_type,
-                             clip_denoised=config.sample.clip_denoised,
-                             guidance_scale=float(config.sample.get('guidance_scale', 0.0)))
+    p_sample = make_p_sample(
+      model,
+      schedule,
+      shape_per_device=(t.num_samples // jax.device_count(),) + image_shape,
+      mean_type=df.mean_type,
+      var_type=config.sample.var_type,
+      clip_denoised=config.sample.clip_denoised,
+      guidance_scale=float(config.sample.get('guidance_scale', 0.0)),
+    )
 
   def write_samples(step, rstate):
     samples = p_sample(rstate.ema_params, jax.random.fold_in(sample_key, step))
@@ -618,8 +775,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       scale, ncols = max(1, 128 // d.image_size), None
       if num_classes:  # make_p_sample gives image i the class i mod K: show one row per class
         samples, ncols = image_grid.rows_by_class(samples, np.arange(len(samples)) % num_classes)
-      path = image_grid.save_png(os.path.join(workdir, 'samples', f'step_{step:08d}.png'), samples, scale=scale,
-                                 ncols=ncols)
+      path = image_grid.save_png(
+        os.path.join(workdir, 'samples', f'step_{step:08d}.png'), samples, scale=scale, ncols=ncols
+      )
       writer.write_images(step, {'ema_samples': image_grid.make_grid(samples, ncols=ncols)[None]})
       logging.info('Wrote EMA samples to %s', path)
     return path
@@ -634,6 +792,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   bar = None
   if t.progress_bar and is_chief:
     import tqdm  # pylint: disable=g-import-not-at-top
+
     bar = tqdm.tqdm(total=t.num_steps, initial=start_step, unit='step', dynamic_ncols=True)
 
   def flush():
@@ -644,9 +803,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if not np.isfinite(loss):
         ckpt.wait()
         raise NonFiniteLossError(
-            f'Loss is {loss} at step {s} (the update from state step {s} to {s + 1}); stopping. '
-            f'The last good checkpoint (step {last_saved}) in {ckpt.directory} is intact and was not '
-            'overwritten. Lower optim.lr, keep optim.grad_clip > 0, or check the data, then rerun to resume.')
+          f'Loss is {loss} at step {s} (the update from state step {s} to {s + 1}); stopping. '
+          f'The last good checkpoint (step {last_saved}) in {ckpt.directory} is intact and was not '
+          'overwritten. Lower optim.lr, keep optim.grad_clip > 0, or check the data, then rerun to resume.'
+        )
       window.append({k: float(v) for k, v in mt.items()})
     pending.clear()
 
@@ -682,9 +842,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             scalars['images_per_sec'] = rate * o.batch_size
             writer.write_scalars(done, scalars)
             eta = (t.num_steps - done) / rate if rate == rate and rate > 0 else float('nan')
-            line = (f'step {done}/{t.num_steps} | loss {scalars["loss"]:.4f} | grad_norm '
-                    f'{scalars["grad_norm"]:.3f} | lr {scalars["lr"]:.2e} | {rate:.2f} steps/s | '
-                    f'{rate * o.batch_size:.0f} img/s | ETA {_fmt_duration(eta) if eta == eta else "?"}')
+            line = (
+              f'step {done}/{t.num_steps} | loss {scalars["loss"]:.4f} | grad_norm '
+              f'{scalars["grad_norm"]:.3f} | lr {scalars["lr"]:.2e} | {rate:.2f} steps/s | '
+              f'{rate * o.batch_size:.0f} img/s | ETA {_fmt_duration(eta) if eta == eta else "?"}'
+            )
             if bar is not None:
               bar.set_postfix_str(line.split(' | ', 1)[1])
             elif is_chief:
@@ -712,17 +874,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   summary.update(steps_per_sec=rate, wall_s=wall)
   if is_chief:
     lines = [
-        'Training summary',
-        f'  steps        {start_step} -> {summary["final_step"]} of {t.num_steps}'
-        + (f' (stopped by {summary["stopped_by_signal"]}; rerun the same command to resume)'
-           if summary['stopped_by_signal'] else ''),
-        f'  last loss    {summary["loss"]:.4f}' if summary['loss'] is not None else '  last loss    n/a',
-        f'  speed        {rate:.2f} steps/s, {rate * o.batch_size:.0f} images/s (excl. compilation)'
-        if rate else '  speed        n/a',
-        f'  wall time    {_fmt_duration(wall)}',
-        f'  checkpoint   step {last_saved} in {ckpt.directory}',
-        f'  samples      {summary["last_samples"]}',
-        f'  tensorboard  tensorboard --logdir {workdir}',
+      'Training summary',
+      f'  steps        {start_step} -> {summary["final_step"]} of {t.num_steps}'
+      + (
+        f' (stopped by {summary["stopped_by_signal"]}; rerun the same command to resume)'
+        if summary['stopped_by_signal']
+        else ''
+      ),
+      f'  last loss    {summary["loss"]:.4f}' if summary['loss'] is not None else '  last loss    n/a',
+      f'  speed        {rate:.2f} steps/s, {rate * o.batch_size:.0f} images/s (excl. compilation)'
+      if rate
+      else '  speed        n/a',
+      f'  wall time    {_fmt_duration(wall)}',
+      f'  checkpoint   step {last_saved} in {ckpt.directory}',
+      f'  samples      {summary["last_samples"]}',
+      f'  tensorboard  tensorboard --logdir {workdir}',
     ]
     logging.info('\n%s', '\n'.join(lines))
   return summary

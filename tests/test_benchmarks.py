@@ -26,21 +26,48 @@ bench = _load_bench()
 try:
   import diffusers  # noqa: F401
   import torch  # noqa: F401
+
   HAVE_TORCH = True
 except ImportError:
   HAVE_TORCH = False
 
-FIELDS = ('train_img_s', 'train_compile_s', 'train_peak_mb', 'sample_img_steps_s', 'sample_256x1000_s',
-          'sample_compile_s', 'sample_peak_mb')
+FIELDS = (
+  'train_img_s',
+  'train_compile_s',
+  'train_peak_mb',
+  'sample_img_steps_s',
+  'sample_256x1000_s',
+  'sample_compile_s',
+  'sample_peak_mb',
+)
 
 
 def test_run_and_json(tmp_path, capsys):
   impls = 'jax,torch' if HAVE_TORCH else 'jax'
   out = tmp_path / 'r.json'
   # k=2 steps per compiled call exercises make_multi_step through the real train step.
-  results = bench.main(['--tiny', '--batch', '2', '--train_steps', '1', '--sample_steps', '2',
-                        '--sample_repeats', '1', '--steps_per_call', '2', '--impl', impls, '--in_process',
-                        '--cpu_tuning', 'none', '--json', str(out)])  # leaves this test process's XLA as it is
+  results = bench.main(
+    [
+      '--tiny',
+      '--batch',
+      '2',
+      '--train_steps',
+      '1',
+      '--sample_steps',
+      '2',
+      '--sample_repeats',
+      '1',
+      '--steps_per_call',
+      '2',
+      '--impl',
+      impls,
+      '--in_process',
+      '--cpu_tuning',
+      'none',
+      '--json',
+      str(out),
+    ]
+  )  # leaves this test process's XLA as it is
   assert [r.impl for r in results] == impls.split(',')
   nparams = results[0].params
   for r in results:
@@ -56,8 +83,15 @@ def test_run_and_json(tmp_path, capsys):
   assert jr.train_tflop_s > 0 and jr.sample_tflop_s > 0
   assert all(r.train_tflop_s is None for r in results[1:])
   text = capsys.readouterr().out
-  for word in ('train img/s', 'sample img-step/s', 's/256x1000', 'compile s', 'peak MiB', 'extrapolated',
-               'ddpm_jax achieved'):
+  for word in (
+    'train img/s',
+    'sample img-step/s',
+    's/256x1000',
+    'compile s',
+    'peak MiB',
+    'extrapolated',
+    'ddpm_jax achieved',
+  ):
     assert word in text
   if HAVE_TORCH:
     assert 'jax/torch' in text
@@ -71,6 +105,7 @@ def test_run_and_json(tmp_path, capsys):
 @pytest.mark.skipif(not HAVE_TORCH, reason='needs the reference extra (torch)')
 def test_peer_computes_in_the_requested_dtype():
   import jax
+
   model = bench.make_model(True)
   params = bench.train_lib.init_params(model, image_shape=bench.IMAGE_SHAPE, key=jax.random.key(0))
   for dtype, expected in (('float32', 'torch.float32'), ('bfloat16', 'torch.bfloat16')):
@@ -85,6 +120,7 @@ def test_flop_counts_are_the_programs():
   """`xla_gflop` of a lowered program is XLA's count: exact for a matmul, and a scanned body is counted once."""
   import jax
   import jax.numpy as jnp
+
   a = jax.ShapeDtypeStruct((64, 64), jnp.float32)
   assert bench.xla_gflop(jax.jit(jnp.matmul).lower(a, a)) == 2 * 64**3 / 1e9
   scan = lambda x: jax.lax.scan(lambda c, _: (c @ c, None), x, None, length=8)[0]
@@ -92,8 +128,9 @@ def test_flop_counts_are_the_programs():
 
 
 def test_table_ratio_row():
-  mk = lambda impl, tr, sm: bench.Result(impl, 'cpu', 32, 'float32', 10, train_img_s=tr, sample_img_steps_s=sm,
-                                         sample_256x1000_s=256000 / sm)
+  mk = lambda impl, tr, sm: bench.Result(
+    impl, 'cpu', 32, 'float32', 10, train_img_s=tr, sample_img_steps_s=sm, sample_256x1000_s=256000 / sm
+  )
   text = bench.table([mk('jax', 6.0, 20.0), mk('torch', 3.0, 10.0)])
   ratio_row = [line for line in text.splitlines() if line.startswith('jax/torch')][0]
   assert '2.00x' in ratio_row
@@ -107,14 +144,32 @@ def test_bad_impl_is_rejected():
 
 def test_strip_options():
   assert bench._strip(['--batch', '4', '--impl', 'jax,torch', '--json=x', '--tiny'], ('--impl', '--json')) == [
-      '--batch', '4', '--tiny']
+    '--batch',
+    '4',
+    '--tiny',
+  ]
 
 
 def test_auto_cpu_tuning_measures_each_phase_in_its_own_process(tmp_path):
   """The default run: JAX's training and sampling in separate processes, each with the commands' XLA:CPU flag."""
   out = tmp_path / 'r.json'
-  results = bench.main(['--tiny', '--batch', '2', '--train_steps', '1', '--sample_steps', '2', '--sample_repeats',
-                        '1', '--impl', 'jax', '--json', str(out)])
+  results = bench.main(
+    [
+      '--tiny',
+      '--batch',
+      '2',
+      '--train_steps',
+      '1',
+      '--sample_steps',
+      '2',
+      '--sample_repeats',
+      '1',
+      '--impl',
+      'jax',
+      '--json',
+      str(out),
+    ]
+  )
   assert len(results) == 1 and results[0].impl == 'jax'
   for f in FIELDS:
     assert getattr(results[0], f) is not None, f
@@ -130,9 +185,11 @@ def test_merge_fills_missing_fields():
 
 def test_rounds_give_medians_and_the_ratio_of_each_round():
   mk = lambda impl, tr, sm: bench.Result(impl, 'cpu', 32, 'float32', 10, train_img_s=tr, sample_img_steps_s=sm)
-  rounds = [[mk('jax', 6.0, 20.0), mk('torch', 3.0, 10.0)],
-            [mk('jax', 4.0, 30.0), mk('torch', 4.0, 10.0)],
-            [mk('jax', 5.0, None), mk('torch', 5.0, 10.0)]]
+  rounds = [
+    [mk('jax', 6.0, 20.0), mk('torch', 3.0, 10.0)],
+    [mk('jax', 4.0, 30.0), mk('torch', 4.0, 10.0)],
+    [mk('jax', 5.0, None), mk('torch', 5.0, 10.0)],
+  ]
   med = bench.median_over_rounds(rounds)
   assert [r.impl for r in med] == ['jax', 'torch']
   assert med[0].train_img_s == 5.0 and med[0].sample_img_steps_s == 25.0  # None (not measured) is left out
@@ -146,8 +203,25 @@ def test_rounds_give_medians_and_the_ratio_of_each_round():
 
 def test_rounds_run_end_to_end(tmp_path, capsys):
   out = tmp_path / 'r.json'
-  results = bench.main(['--tiny', '--batch', '2', '--train_steps', '0', '--sample_steps', '1', '--sample_repeats', '1',
-                        '--impl', 'jax', '--rounds', '2', '--json', str(out)])
+  results = bench.main(
+    [
+      '--tiny',
+      '--batch',
+      '2',
+      '--train_steps',
+      '0',
+      '--sample_steps',
+      '1',
+      '--sample_repeats',
+      '1',
+      '--impl',
+      'jax',
+      '--rounds',
+      '2',
+      '--json',
+      str(out),
+    ]
+  )
   assert len(results) == 1 and results[0].sample_img_steps_s > 0 and 'median of 2 rounds' in results[0].notes
   assert 'round 2 of 2' in capsys.readouterr().out
   data = json.loads(out.read_text())
@@ -165,7 +239,8 @@ def test_bad_rounds_are_rejected():
 
 def _load_profile_layers():
   spec = importlib.util.spec_from_file_location(
-      'ddpm_profile_layers', os.path.join(os.path.dirname(_PATH), 'profile_layers.py'))
+    'ddpm_profile_layers', os.path.join(os.path.dirname(_PATH), 'profile_layers.py')
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -178,6 +253,7 @@ def test_profile_layers_times_both_implementations():
   assert all(len(r) == 5 and all(t > 0 for t in r[1:]) for r in rows)
   # The layers are put back afterwards: the model uses the hand-written ones again.
   from ddpm_jax.models import layers
+
   assert layers.attention.__class__.__name__ == 'custom_vjp'
 
 
@@ -187,8 +263,10 @@ def test_profile_convs_covers_the_model(monkeypatch):
   import jax
   import jax.numpy as jnp
   from ddpm_jax.models import unet_cifar10
-  params = jax.eval_shape(lambda: unet_cifar10().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                                      jnp.zeros((1,), jnp.int32), train=False))
+
+  params = jax.eval_shape(
+    lambda: unet_cifar10().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32), train=False)
+  )
   kernels = sorted((p.shape[2], p.shape[3]) for p in jax.tree.leaves(params) if p.ndim == 4)
   assert sorted((c[1], c[2]) for c in profile.CONVS for _ in range(c[-1])) == kernels
   assert sum(c[-1] for c in profile.CONVS if c[3] == 'up') == 3  # one per upsampling level
@@ -219,8 +297,7 @@ def test_profile_roofline_counts_the_forward_pass():
   if HAVE_TORCH:
     assert rows['matmul 64x64 float32, PyTorch'][:2] == (2 * 64**3 / 1e9, 'GFLOP')
   assert len(rows) == 4 if HAVE_TORCH else 3
-  rows = {r[0]: r[1:] for r in profile.bench_roofline(1, 1, model=OneConv(), dtype='bfloat16', matmul_n=64,
-                                                      copy_mib=1)}
+  rows = {r[0]: r[1:] for r in profile.bench_roofline(1, 1, model=OneConv(), dtype='bfloat16', matmul_n=64, copy_mib=1)}
   assert 'matmul 64x64 bfloat16, XLA' in rows and ('matmul 64x64 bfloat16, PyTorch' in rows) == HAVE_TORCH
 
 

@@ -10,8 +10,10 @@ from ddpm_jax import checkpoint
 
 
 def _tree(v):
-  return {'step': np.asarray(v, np.int32), 'params': {'w': np.full((3, 2), v, np.float32),
-                                                       'b': np.arange(4, dtype=np.float32) + v}}
+  return {
+    'step': np.asarray(v, np.int32),
+    'params': {'w': np.full((3, 2), v, np.float32), 'b': np.arange(4, dtype=np.float32) + v},
+  }
 
 
 def _corrupt(step_dir):

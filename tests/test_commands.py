@@ -52,28 +52,37 @@ def _ema_params(workdir, config, step):
 def test_sample_from_workdir_uses_the_ema_parameters(run, tmp_path):
   workdir, config = run
   out = str(tmp_path / 's')
-  summary = sample_lib.run(workdir=workdir, pretrained=None, out_dir=out, num_samples=5, batch_size=3, seed=7,
-                           progress=False)
+  summary = sample_lib.run(
+    workdir=workdir, pretrained=None, out_dir=out, num_samples=5, batch_size=3, seed=7, progress=False
+  )
   assert summary['num_samples'] == 5 and summary['num_shards'] == 2
   got = sample_lib.load_samples(out)
   model = train_lib.build_model(config)
   spec = sample_lib.SamplerSpec(var_type=config.sample.var_type, clip_denoised=True)
-  direct = sample_lib.BatchSampler(model, _ema_params(workdir, config, 4), train_lib.build_schedule(config), spec,
-                                   (8, 8, 1), seed=7)
+  direct = sample_lib.BatchSampler(
+    model, _ema_params(workdir, config, 4), train_lib.build_schedule(config), spec, (8, 8, 1), seed=7
+  )
   np.testing.assert_array_equal(got, direct(np.arange(5)))
   # An older step, chosen with --step, is another set of parameters.
-  sample_lib.run(workdir=workdir, pretrained=None, out_dir=str(tmp_path / 'old'), num_samples=5, batch_size=5,
-                 seed=7, step=2, progress=False)
+  sample_lib.run(
+    workdir=workdir,
+    pretrained=None,
+    out_dir=str(tmp_path / 'old'),
+    num_samples=5,
+    batch_size=5,
+    seed=7,
+    step=2,
+    progress=False,
+  )
   assert not np.array_equal(sample_lib.load_samples(str(tmp_path / 'old')), got)
   with pytest.raises(FileNotFoundError, match='No checkpoint step 3'):
-    sample_lib.run(workdir=workdir, pretrained=None, out_dir=str(tmp_path / 'x'), num_samples=1, step=3,
-                   progress=False)
+    sample_lib.run(workdir=workdir, pretrained=None, out_dir=str(tmp_path / 'x'), num_samples=1, step=3, progress=False)
   with pytest.raises(FileNotFoundError, match='config.json'):
-    sample_lib.run(workdir=str(tmp_path), pretrained=None, out_dir=str(tmp_path / 'x'), num_samples=1,
-                   progress=False)
+    sample_lib.run(workdir=str(tmp_path), pretrained=None, out_dir=str(tmp_path / 'x'), num_samples=1, progress=False)
   with pytest.raises(ValueError, match='unconditional'):
-    sample_lib.run(workdir=workdir, pretrained=None, out_dir=str(tmp_path / 'x'), num_samples=1, class_label=1,
-                   progress=False)
+    sample_lib.run(
+      workdir=workdir, pretrained=None, out_dir=str(tmp_path / 'x'), num_samples=1, class_label=1, progress=False
+    )
 
 
 def test_workdir_of_an_older_version_without_the_new_config_keys_samples_identically(run, tmp_path):
@@ -84,26 +93,44 @@ def test_workdir_of_an_older_version_without_the_new_config_keys_samples_identic
   os.symlink(os.path.join(workdir, 'checkpoints'), os.path.join(old, 'checkpoints'))
   with open(os.path.join(workdir, 'config.json')) as f:
     cfg = json.load(f)
-  for section, key in (('model', 'remat'), ('model', 'num_classes'), ('model', 'class_dropout'),
-                       ('sample', 'guidance_scale')):
+  for section, key in (
+    ('model', 'remat'),
+    ('model', 'num_classes'),
+    ('model', 'class_dropout'),
+    ('sample', 'guidance_scale'),
+  ):
     del cfg[section][key]
   with open(os.path.join(old, 'config.json'), 'w') as f:
     json.dump(cfg, f)
   kw = dict(pretrained=None, num_samples=3, batch_size=3, seed=1, progress=False)
   sample_lib.run(workdir=workdir, out_dir=str(tmp_path / 'new'), **kw)
   sample_lib.run(workdir=old, out_dir=str(tmp_path / 'old'), **kw)
-  np.testing.assert_array_equal(sample_lib.load_samples(str(tmp_path / 'new')),
-                                sample_lib.load_samples(str(tmp_path / 'old')))
+  np.testing.assert_array_equal(
+    sample_lib.load_samples(str(tmp_path / 'new')), sample_lib.load_samples(str(tmp_path / 'old'))
+  )
 
 
 def test_bpd_from_workdir_matches_bpd_over_dataset(run):
   workdir, config = run
-  result = evaluation.run_bpd(workdir=workdir, pretrained=None, dataset='digits', split='train', num_images=6,
-                              batch_size=4, seed=3, progress=False)
+  result = evaluation.run_bpd(
+    workdir=workdir,
+    pretrained=None,
+    dataset='digits',
+    split='train',
+    num_images=6,
+    batch_size=4,
+    seed=3,
+    progress=False,
+  )
   direct = evaluation.bpd_over_dataset(
-      train_lib.build_model(config), _ema_params(workdir, config, 4), train_lib.build_schedule(config),
-      input_pipeline.eval_images('digits', image_size=8, channels=1, batch_size=6, num_images=6), seed=3,
-      var_type=config.sample.var_type, progress=False)
+    train_lib.build_model(config),
+    _ema_params(workdir, config, 4),
+    train_lib.build_schedule(config),
+    input_pipeline.eval_images('digits', image_size=8, channels=1, batch_size=6, num_images=6),
+    seed=3,
+    var_type=config.sample.var_type,
+    progress=False,
+  )
   assert result['num_images'] == 6 and len(result['terms_bpd']) == 20
   assert result['bpd'] == pytest.approx(direct.total_bpd, rel=1e-6)
   assert result['decoder_bpd'] == pytest.approx(direct.terms_bpd[0], rel=1e-6)
@@ -120,8 +147,9 @@ def test_fid_command_plumbing(tmp_path, monkeypatch):
   for i, im in enumerate(images):
     Image.fromarray(im).save(ref / f'{i:02d}.png')
   samples = str(tmp_path / 'samples')
-  sample_lib.sample_to_dir(lambda idx: images[idx], samples, num_samples=12, shard_size=5, image_shape=(8, 8, 3),
-                           grid_size=0, progress=False)
+  sample_lib.sample_to_dir(
+    lambda idx: images[idx], samples, num_samples=12, shard_size=5, image_shape=(8, 8, 3), grid_size=0, progress=False
+  )
   proj = rng.normal(size=(8 * 8 * 3, 6))
   seen = []
 
@@ -135,13 +163,27 @@ def test_fid_command_plumbing(tmp_path, monkeypatch):
   monkeypatch.setattr(evaluation.inception_lib, 'load_inception_params', lambda path: {'path': path})
   monkeypatch.setattr(evaluation, 'make_feature_fn', lambda variables, batch_size: feature_fn)
   stats = str(tmp_path / 'stats.npz')
-  result = evaluation.run_fid(samples_dir=samples, inception_weights=str(weights), ref_stats=stats,
-                              ref_folder=str(ref), batch_size=5, num_splits=3, progress=False)
+  result = evaluation.run_fid(
+    samples_dir=samples,
+    inception_weights=str(weights),
+    ref_stats=stats,
+    ref_folder=str(ref),
+    batch_size=5,
+    num_splits=3,
+    progress=False,
+  )
   assert abs(result['fid']) < 1e-6 and result['num_samples'] == 12 and result['num_reference_images'] == 12
   assert os.path.exists(stats) and 'inception_score' in result
   seen.clear()
-  again = evaluation.run_fid(samples_dir=samples, inception_weights=str(weights), ref_stats=stats,
-                             ref_folder=str(ref), batch_size=5, num_splits=3, progress=False)
+  again = evaluation.run_fid(
+    samples_dir=samples,
+    inception_weights=str(weights),
+    ref_stats=stats,
+    ref_folder=str(ref),
+    batch_size=5,
+    num_splits=3,
+    progress=False,
+  )
   assert again['fid'] == pytest.approx(result['fid'], abs=1e-9)
   assert sum(seen) == 12  # the cached reference statistics were not recomputed
   with pytest.raises(FileNotFoundError, match='Inception weights'):
@@ -151,8 +193,15 @@ def test_fid_command_plumbing(tmp_path, monkeypatch):
 def _cli(script, *args, timeout=300):
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=ROOT)
   env.pop('XLA_FLAGS', None)
-  return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=timeout, check=False)
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, script), *args],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
 
 
 def test_sample_and_figures_commands(run, tmp_path):
@@ -165,8 +214,9 @@ def test_sample_and_figures_commands(run, tmp_path):
   res = _cli('sample.py', '--workdir', workdir, '--out', out, '--sampler', 'ancestral', '--steps', '5')
   assert res.returncode != 0 and 'respaced' in res.stderr  # a clear error, before anything compiles
   png = str(tmp_path / 'forward.png')
-  res = _cli('figures.py', '--figure', 'forward', '--workdir', workdir, '--dataset', 'digits', '--num_images', '2',
-             '--out', png)
+  res = _cli(
+    'figures.py', '--figure', 'forward', '--workdir', workdir, '--dataset', 'digits', '--num_images', '2', '--out', png
+  )
   assert res.returncode == 0, res.stderr[-3000:]
   with Image.open(png) as im:
     assert im.size[0] > 0
@@ -175,10 +225,29 @@ def test_sample_and_figures_commands(run, tmp_path):
 def test_edit_command_inpaints_and_sdedits_a_workdir_model(run, tmp_path):
   workdir, _ = run
   out = str(tmp_path / 'inpaint')
-  res = _cli('edit.py', '--mode', 'inpaint', '--workdir', workdir, '--dataset', 'digits', '--num_images', '2',
-             '--mask', 'right', '--jump_length', '5', '--jump_n_sample', '2', '--num_samples', '2', '--out', out)
+  res = _cli(
+    'edit.py',
+    '--mode',
+    'inpaint',
+    '--workdir',
+    workdir,
+    '--dataset',
+    'digits',
+    '--num_images',
+    '2',
+    '--mask',
+    'right',
+    '--jump_length',
+    '5',
+    '--jump_n_sample',
+    '2',
+    '--num_samples',
+    '2',
+    '--out',
+    out,
+  )
   assert res.returncode == 0, res.stderr[-3000:]
-  summary = json.loads(res.stdout[res.stdout.index('{'):])
+  summary = json.loads(res.stdout[res.stdout.index('{') :])
   assert summary['known_pixels_max_abs_error'] == 0 and summary['network_calls_per_result'] == 20 + 5 * 3
   digits = input_pipeline.load_digits()[:2]
   with np.load(os.path.join(out, 'results.npz')) as f:
@@ -197,25 +266,44 @@ def test_edit_command_inpaints_and_sdedits_a_workdir_model(run, tmp_path):
 def test_class_conditional_run_end_to_end(tmp_path):
   """Train a tiny class-conditional digits model, sample one class with guidance, score the classes."""
   workdir = str(tmp_path / 'cond')
-  _train(workdir, **{'model.num_classes': 10, 'model.class_dropout': 0.2, 'sample.guidance_scale': 1.0,
-                     'train.num_steps': 3, 'train.checkpoint_every': 3, 'train.num_samples': 40})
+  _train(
+    workdir,
+    **{
+      'model.num_classes': 10,
+      'model.class_dropout': 0.2,
+      'sample.guidance_scale': 1.0,
+      'train.num_steps': 3,
+      'train.checkpoint_every': 3,
+      'train.num_samples': 40,
+    },
+  )
   with Image.open(os.path.join(workdir, 'samples', 'step_00000003.png')) as im:
     w, h = im.size
   assert h > w  # 10 rows (one per class) of 4 images
   out = str(tmp_path / 'threes')
-  sample_lib.run(workdir=workdir, pretrained=None, out_dir=out, num_samples=4, batch_size=4, class_label=3,
-                 guidance_scale=2.0, progress=False)
+  sample_lib.run(
+    workdir=workdir,
+    pretrained=None,
+    out_dir=out,
+    num_samples=4,
+    batch_size=4,
+    class_label=3,
+    guidance_scale=2.0,
+    progress=False,
+  )
   _, labels = sample_lib.load_samples(out, with_labels=True)
   assert list(labels) == [3, 3, 3, 3]
-  result = evaluation.run_class_accuracy(workdir=workdir, guidance_scales=[0, 2], num_samples=20, batch_size=10,
-                                         progress=False)
+  result = evaluation.run_class_accuracy(
+    workdir=workdir, guidance_scales=[0, 2], num_samples=20, batch_size=10, progress=False
+  )
   assert result['classifier_accuracy_on_real_digits'] > 0.95
   assert [r['guidance_scale'] for r in result['results']] == [0.0, 2.0]
   for r in result['results']:
     assert 0.0 <= r['accuracy'] <= 1.0 and len(r['per_class']) == 10
   with pytest.raises(ValueError, match=r'class_label must be ints in 0\.\.9'):
-    sample_lib.run(workdir=workdir, pretrained=None, out_dir=str(tmp_path / 'x'), num_samples=1, class_label=11,
-                   progress=False)
+    sample_lib.run(
+      workdir=workdir, pretrained=None, out_dir=str(tmp_path / 'x'), num_samples=1, class_label=11, progress=False
+    )
 
 
 def test_class_accuracy_of_real_digits_is_high_and_of_wrong_labels_low():

@@ -24,7 +24,7 @@ from ddpm_jax import sample_lib  # pylint: disable=g-import-not-at-top,wrong-imp
 from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import schedule as schedule_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import train_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddpm_jax.models import UNet, count_params, unet_cifar10  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax.models import UNet, count_params, unet_cifar10  # pylint: disable=g-import-not-at-top
 
 ARCH = dict(ch=16, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_groups=4, out_ch=1)
 SHAPE = (4, 4, 1)
@@ -34,8 +34,7 @@ K = 3
 
 def _init(model, key=0):
   y = (jnp.zeros((1,), jnp.int32),) if model.num_classes else ()
-  return model.init(jax.random.key(key), jnp.zeros((1,) + SHAPE), jnp.zeros((1,), jnp.int32), *y,
-                    train=False)['params']
+  return model.init(jax.random.key(key), jnp.zeros((1,) + SHAPE), jnp.zeros((1,), jnp.int32), *y, train=False)['params']
 
 
 @pytest.fixture(scope='module')
@@ -69,8 +68,7 @@ def test_unconditional_tree_unchanged_and_label_embedding_added(cond):
 
 def _init_full(model):
   y = (jnp.zeros((1,), jnp.int32),) if model.num_classes else ()
-  return model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32), *y,
-                    train=False)['params']
+  return model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32), *y, train=False)['params']
 
 
 def test_labels_change_the_output_and_bad_labels_raise(cond):
@@ -115,8 +113,9 @@ def test_guided_eps_equals_the_formula_in_one_batched_call():
   np.testing.assert_allclose(out[..., :2], (1 + w) * cond[..., :2] - w * uncond[..., :2], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(out[..., 2:], cond[..., 2:])  # the variance channels are the conditional ones
   calls.clear()
-  np.testing.assert_allclose(sampling.classifier_free_guidance(model_fn, y, null_label=K, guidance_scale=0.0)(x, t),
-                             cond)
+  np.testing.assert_allclose(
+    sampling.classifier_free_guidance(model_fn, y, null_label=K, guidance_scale=0.0)(x, t), cond
+  )
   assert calls == [4]  # w = 0: the conditional half only
   with pytest.raises(ValueError, match='guidance_scale'):
     sampling.classifier_free_guidance(model_fn, y, null_label=K, guidance_scale=-1.0)
@@ -124,8 +123,17 @@ def test_guided_eps_equals_the_formula_in_one_batched_call():
 
 def test_pretrained_denoise_fn_checks_conditioning(cond):
   model, params = cond
-  loaded = pretrained.Pretrained(model=model, params=params, schedule=SCHED, var_type='fixedlarge',
-                                 clip_denoised=True, mean_type='eps', image_size=4, in_channels=1, source='test')
+  loaded = pretrained.Pretrained(
+    model=model,
+    params=params,
+    schedule=SCHED,
+    var_type='fixedlarge',
+    clip_denoised=True,
+    mean_type='eps',
+    image_size=4,
+    in_channels=1,
+    source='test',
+  )
   x = jax.random.normal(jax.random.key(3), (2,) + SHAPE)
   t = jnp.array([2, 7])
   got = loaded.denoise_fn(class_label=1, guidance_scale=1.5)(x, t)
@@ -152,8 +160,9 @@ def test_labelled_digits_folder_and_batches(tmp_path):
   images, labels = input_pipeline.load_array('digits', image_size=8, channels=1, with_labels=True)
   assert images.shape == (1797, 8, 8, 1) and labels.shape == (1797,) and set(labels) == set(range(10))
   np.testing.assert_array_equal(images, input_pipeline.load_digits(8))
-  it = input_pipeline.in_memory_batches(images, labels=labels, global_batch=8, seed=0, num_local_devices=2,
-                                        random_flip=False)
+  it = input_pipeline.in_memory_batches(
+    images, labels=labels, global_batch=8, seed=0, num_local_devices=2, random_flip=False
+  )
   batch = next(it)
   assert batch['image'].shape == (2, 4, 8, 8, 1) and batch['label'].shape == (2, 4)
   idx = input_pipeline.global_batch_indices(len(images), 8, 0, 0)
@@ -165,8 +174,7 @@ def test_labelled_digits_folder_and_batches(tmp_path):
     (tmp_path / name).mkdir()
     for i in range(n):
       Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(tmp_path / name / f'{i}.png')
-  images, labels = input_pipeline.load_array('folder', folder=str(tmp_path), image_size=4, channels=3,
-                                             with_labels=True)
+  images, labels = input_pipeline.load_array('folder', folder=str(tmp_path), image_size=4, channels=3, with_labels=True)
   assert images.shape == (5, 4, 4, 3) and list(labels) == [0, 0, 1, 1, 1]
   Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(tmp_path / 'stray.png')
   with pytest.raises(ValueError, match='outside the class sub-folders'):
@@ -179,8 +187,15 @@ def _step_once(model, batch, class_dropout, seed=0):
   tx = train_lib.make_optimizer(lr=1e-3, warmup_steps=0)
   state = train_lib.create_state(train_lib.init_params(model, image_shape=SHAPE, key=jax.random.key(seed)), tx)
   devices = jax.local_devices()[:1]
-  step = train_lib.make_p_train_step(devices=devices, model=model, schedule=SCHED, tx=tx,
-                                     lr_fn=train_lib.warmup_lr(1e-3, 0), ema_decay=0.9, class_dropout=class_dropout)
+  step = train_lib.make_p_train_step(
+    devices=devices,
+    model=model,
+    schedule=SCHED,
+    tx=tx,
+    lr_fn=train_lib.warmup_lr(1e-3, 0),
+    ema_decay=0.9,
+    class_dropout=class_dropout,
+  )
   batch = jax.tree.map(lambda a: a[None], batch)
   new_state, metrics = step(data_parallel.replicate(state, devices), batch, jax.random.key(1))
   return data_parallel.unreplicate(new_state), {k: float(v) for k, v in metrics.items()}
@@ -247,8 +262,9 @@ def test_conditional_batch_sampler_labels_guidance_and_shards(tmp_path, cond):
   np.testing.assert_array_equal(grid, np.repeat(np.repeat(image_grid.make_grid(rows, ncols=3)[..., 0], 16, 0), 16, 1))
   np.testing.assert_array_equal(rows[3:5], images[[1, 4]])  # second row: class 1
   # Image i of class k is the same whichever way the labels were chosen; another class gives another image.
-  fixed = sample_lib.BatchSampler(model, params, SCHED, sample_lib.SamplerSpec(class_label=1, guidance_scale=2.0),
-                                  SHAPE, seed=0)
+  fixed = sample_lib.BatchSampler(
+    model, params, SCHED, sample_lib.SamplerSpec(class_label=1, guidance_scale=2.0), SHAPE, seed=0
+  )
   np.testing.assert_array_equal(fixed(np.array([1, 4])), images[[1, 4]])
   assert not np.array_equal(fixed(np.array([0])), images[[0]])
   # Guidance changes the samples; w = 0 is the plain conditional model.
@@ -256,16 +272,19 @@ def test_conditional_batch_sampler_labels_guidance_and_shards(tmp_path, cond):
   assert not np.array_equal(plain(np.array([1, 4])), images[[1, 4]])
   # Every sampler takes labels and guidance.
   for name in ('respaced', 'ddim'):
-    s = sample_lib.BatchSampler(model, params, SCHED, sample_lib.SamplerSpec(name=name, steps=5, class_label=2,
-                                                                             guidance_scale=1.0), SHAPE, seed=0)
+    s = sample_lib.BatchSampler(
+      model, params, SCHED, sample_lib.SamplerSpec(name=name, steps=5, class_label=2, guidance_scale=1.0), SHAPE, seed=0
+    )
     assert s(np.arange(2)).shape == (2,) + SHAPE
   with pytest.raises(ValueError, match='class-conditional'):
-    sample_lib.BatchSampler(UNet(**ARCH), _init(UNet(**ARCH)), SCHED, sample_lib.SamplerSpec(class_label=0),
-                            SHAPE, seed=0)
+    sample_lib.BatchSampler(
+      UNet(**ARCH), _init(UNet(**ARCH)), SCHED, sample_lib.SamplerSpec(class_label=0), SHAPE, seed=0
+    )
   uncond = sample_lib.BatchSampler(UNet(**ARCH), _init(UNet(**ARCH)), SCHED, sample_lib.SamplerSpec(), SHAPE, seed=0)
   assert uncond.labels(np.arange(3)) is None
-  sample_lib.sample_to_dir(uncond, str(tmp_path / 'uncond'), num_samples=2, shard_size=2, image_shape=SHAPE,
-                           grid_size=0, progress=False)
+  sample_lib.sample_to_dir(
+    uncond, str(tmp_path / 'uncond'), num_samples=2, shard_size=2, image_shape=SHAPE, grid_size=0, progress=False
+  )
   with pytest.raises(ValueError, match='unconditional'):
     sample_lib.load_samples(str(tmp_path / 'uncond'), with_labels=True)
 
@@ -291,13 +310,16 @@ def test_digits_cond_config_is_valid():
   assert train_lib.build_model(config).num_classes == 10
 
 
-@pytest.mark.parametrize('overrides, match', [
+@pytest.mark.parametrize(
+  'overrides, match',
+  [
     (dict(model__num_classes=10, data__dataset='lsun/cat', data__channels=3, data__image_size=8), 'labelled dataset'),
     (dict(model__num_classes=7), 'has 10 classes'),
     (dict(model__num_classes=10, model__class_dropout=1.0), 'class_dropout'),
     (dict(sample__guidance_scale=1.0), 'class-conditional'),
     (dict(model__num_classes=10, sample__guidance_scale=-1.0), 'guidance_scale'),
-])
+  ],
+)
 def test_conditional_config_errors(overrides, match):
   with pytest.raises(train_lib.ConfigError, match=match):
     train_lib.validate_config(_set(tiny.get_config(), **overrides), device_count=1)

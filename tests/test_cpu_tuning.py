@@ -15,20 +15,19 @@ def _fresh(code, **env):
   full = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', **env)
   if 'XLA_FLAGS' not in env:
     full.pop('XLA_FLAGS', None)
-  res = subprocess.run([sys.executable, '-c', code], env=full, capture_output=True, text=True, timeout=120,
-                       check=False)
+  res = subprocess.run([sys.executable, '-c', code], env=full, capture_output=True, text=True, timeout=120, check=False)
   assert res.returncode == 0, res.stderr[-2000:]
   return [line.removeprefix('flags:') for line in res.stdout.strip().splitlines()]
 
 
-CODE = '''
+CODE = """
 import os
 from ddpm_jax import cpu_tuning
 print(cpu_tuning.tune_cpu({workload!r}))
 import jax
 jax.numpy.ones(3).block_until_ready()  # XLA starts with the flag (an unknown value would abort here)
 print('flags:' + os.environ.get('XLA_FLAGS', ''))
-'''
+"""
 
 
 @pytest.mark.parametrize('workload,value', [('train', 'reduce'), ('inference', 'individual_dot')])
@@ -57,7 +56,9 @@ def test_unknown_workload():
     cpu_tuning.tune_cpu('serve')
 
 
-@pytest.mark.parametrize('xla_flags,expected', [
+@pytest.mark.parametrize(
+  'xla_flags,expected',
+  [
     (None, True),  # jaxlib's default hands reductions to YNNPACK
     ('--xla_cpu_experimental_ynn_fusion_type=reduce', True),
     ('--xla_cpu_experimental_ynn_fusion_type=individual_dot', False),
@@ -66,7 +67,8 @@ def test_unknown_workload():
     ('--xla_cpu_experimental_ynn_fusion_type=-reduce', False),
     ('--xla_cpu_experimental_ynn_fusion_type=+individual_dot', True),
     ('--xla_cpu_experimental_ynn_fusion_type=reduce --xla_cpu_experimental_ynn_fusion_type=individual_dot', False),
-])
+  ],
+)
 def test_ynn_reductions_reads_the_flag(monkeypatch, xla_flags, expected):
   if xla_flags is None:
     monkeypatch.delenv('XLA_FLAGS', raising=False)
@@ -88,11 +90,14 @@ def test_malloc_tuning_env_adds_the_tunable_where_it_applies(monkeypatch):
   assert cpu_tuning.malloc_tuning_env(env, **FACTS) == {'PATH': '/bin', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
   assert env == {'PATH': '/bin'}  # the caller's mapping is left alone
   other = {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}
-  assert (cpu_tuning.malloc_tuning_env(other, **FACTS)['GLIBC_TUNABLES']
-          == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1')
+  assert (
+    cpu_tuning.malloc_tuning_env(other, **FACTS)['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
+  )
 
 
-@pytest.mark.parametrize('env,facts', [
+@pytest.mark.parametrize(
+  'env,facts',
+  [
     ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, {}),  # the user's own setting wins
     ({'DDPM_JAX_CPU_TUNING': '0'}, {}),
     ({}, {'thp_mode': 'always'}),  # malloc gets huge pages anyway
@@ -101,7 +106,8 @@ def test_malloc_tuning_env_adds_the_tunable_where_it_applies(monkeypatch):
     ({}, {'glibc': (2, 34)}),  # the tunable came with glibc 2.35
     ({}, {'glibc': ()}),  # musl, or not Linux
     ({}, {'on_cpu': False}),  # a GPU/TPU does the work
-])
+  ],
+)
 def test_malloc_tuning_env_does_nothing_elsewhere(monkeypatch, env, facts):
   monkeypatch.setattr(sys, 'platform', 'linux')
   assert cpu_tuning.malloc_tuning_env(env, **{**FACTS, **facts}) is None
@@ -129,7 +135,7 @@ def test_backend_and_huge_page_mode_detection(monkeypatch, tmp_path):
   assert cpu_tuning._thp_mode() == ''
 
 
-RESTART = '''
+RESTART = """
 import ctypes, os, resource, sys
 from ddpm_jax import cpu_tuning
 print('start', os.getpid(), flush=True)  # printed twice when the process restarts itself
@@ -141,7 +147,7 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 ctypes.memset(libc.malloc(n), 1, n)  # a large block, touched once
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 print('end', os.getpid(), os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:], faults)
-'''
+"""
 
 
 def _restart(tmp_path, **env):
@@ -151,8 +157,9 @@ def _restart(tmp_path, **env):
   full = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', **env)
   if 'GLIBC_TUNABLES' not in env:
     full.pop('GLIBC_TUNABLES', None)
-  res = subprocess.run([sys.executable, str(script), 'a', '--b=c d'], env=full, capture_output=True, text=True,
-                       timeout=60, check=False)
+  res = subprocess.run(
+    [sys.executable, str(script), 'a', '--b=c d'], env=full, capture_output=True, text=True, timeout=60, check=False
+  )
   assert res.returncode == 0, res.stderr[-2000:]
   *starts, end = res.stdout.strip().splitlines()
   _, pid, rest = end.split(' ', 2)

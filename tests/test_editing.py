@@ -51,13 +51,18 @@ def test_repaint_path_jumps(big_t, jump_length, jump_n_sample):
 
 def test_repaint_path_small_case_by_hand():
   # T = 4, jumps of 2 at n = 2, traversed twice: 4 3 2 | 3 4 | 3 2 1 0.
-  np.testing.assert_array_equal(editing.repaint_path(4, jump_length=2, jump_n_sample=2),
-                                [4, 3, 2, 3, 4, 3, 2, 1, 0])
+  np.testing.assert_array_equal(editing.repaint_path(4, jump_length=2, jump_n_sample=2), [4, 3, 2, 3, 4, 3, 2, 1, 0])
 
 
-@pytest.mark.parametrize('kwargs,match', [
-    (dict(jump_length=0), 'jump_length'), (dict(jump_n_sample=0), 'jump_n_sample'),
-    (dict(jump_length=2.5), 'jump_length'), (dict(jump_length=20, jump_n_sample=2), 'resampling point')])
+@pytest.mark.parametrize(
+  'kwargs,match',
+  [
+    (dict(jump_length=0), 'jump_length'),
+    (dict(jump_n_sample=0), 'jump_n_sample'),
+    (dict(jump_length=2.5), 'jump_length'),
+    (dict(jump_length=20, jump_n_sample=2), 'resampling point'),
+  ],
+)
 def test_repaint_path_rejects_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     editing.repaint_path(20, **kwargs)
@@ -68,12 +73,14 @@ def test_repaint_path_rejects_bad_arguments(kwargs, match):
 
 def _recording_denoiser(calls):
   """An eps-network that records (t, x_t) of every call and predicts eps = 0.1 x_t."""
+
   def record(t, x):
     calls.append((np.asarray(t).copy(), np.asarray(x).copy()))
 
   def denoise_fn(x, t):
     jax.debug.callback(record, t, x, ordered=True)
     return 0.1 * x
+
   return denoise_fn
 
 
@@ -88,8 +95,15 @@ def test_known_pixels_reach_the_network_noised_to_its_timestep(jump_length, jump
   known = np.zeros((1, 50, 50, 1), bool)
   known[:, :, 10:] = True  # 6,000 of the 7,500 pixels are given
   calls = []
-  out = editing.inpaint(SCHED, _recording_denoiser(calls), x0, known, jax.random.key(0),
-                        jump_length=jump_length, jump_n_sample=jump_n_sample)
+  out = editing.inpaint(
+    SCHED,
+    _recording_denoiser(calls),
+    x0,
+    known,
+    jax.random.key(0),
+    jump_length=jump_length,
+    jump_n_sample=jump_n_sample,
+  )
   jax.effects_barrier()
   path = editing.repaint_path(20, jump_length=jump_length, jump_n_sample=jump_n_sample)
   assert [int(t[0]) for t, _ in calls] == [int(n) - 1 for n in path[:-1][np.diff(path) < 0]]
@@ -111,8 +125,9 @@ def test_inpaint_with_an_exact_x0_network_recovers_the_image_and_accepts_per_ima
   known = np.zeros((3, 4, 4, 3), bool)
   known[0, :2] = True
   known[1, :, :, 0] = True  # per-channel masks work too
-  out = editing.inpaint(SCHED, lambda x_t, t: x0, x0, known, jax.random.key(1), mean_type='xstart',
-                        jump_length=2, jump_n_sample=2)
+  out = editing.inpaint(
+    SCHED, lambda x_t, t: x0, x0, known, jax.random.key(1), mean_type='xstart', jump_length=2, jump_n_sample=2
+  )
   np.testing.assert_allclose(out, x0, atol=1e-5)
 
 
@@ -190,15 +205,33 @@ def tiny_model():
   model = UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), num_groups=8, out_ch=1)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), train=False)['params']
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
-  return pretrained.Pretrained(model=model, params=params, schedule=SCHED, var_type='fixedlarge',
-                               clip_denoised=True, mean_type='eps', image_size=8, in_channels=1, source='tiny test')
+  return pretrained.Pretrained(
+    model=model,
+    params=params,
+    schedule=SCHED,
+    var_type='fixedlarge',
+    clip_denoised=True,
+    mean_type='eps',
+    image_size=8,
+    in_channels=1,
+    source='tiny test',
+  )
 
 
 def test_run_inpaint_writes_results_and_keeps_known_pixels(tiny_model, tmp_path):
   images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1)).astype(np.uint8)
   out = str(tmp_path / 'inpaint')
-  summary = editing.run(mode='inpaint', out_dir=out, images=images, loaded=tiny_model, mask='right', num_samples=3,
-                        jump_length=5, jump_n_sample=2, seed=3)
+  summary = editing.run(
+    mode='inpaint',
+    out_dir=out,
+    images=images,
+    loaded=tiny_model,
+    mask='right',
+    num_samples=3,
+    jump_length=5,
+    jump_n_sample=2,
+    seed=3,
+  )
   assert summary['known_pixels_max_abs_error'] == 0
   assert summary['network_calls_per_result'] == 20 + 5 * 3  # points 5, 10, 15
   with np.load(os.path.join(out, 'results.npz')) as f:
@@ -215,13 +248,31 @@ def test_run_inpaint_writes_results_and_keeps_known_pixels(tiny_model, tmp_path)
   with open(os.path.join(out, 'edit.json')) as f:
     assert json.load(f)['spec']['mask'] == 'right'
   # Deterministic: the same command again gives the same files; result (i, j) does not depend on the others.
-  again = editing.run(mode='inpaint', out_dir=out, images=images, loaded=tiny_model, mask='right', num_samples=3,
-                      jump_length=5, jump_n_sample=2, seed=3)
+  again = editing.run(
+    mode='inpaint',
+    out_dir=out,
+    images=images,
+    loaded=tiny_model,
+    mask='right',
+    num_samples=3,
+    jump_length=5,
+    jump_n_sample=2,
+    seed=3,
+  )
   assert again['known_pixels_max_abs_error'] == 0
   with np.load(os.path.join(out, 'results.npz')) as f:
     np.testing.assert_array_equal(f['results'], results)
-  one = editing.run(mode='inpaint', out_dir=str(tmp_path / 'one'), images=images[:1], loaded=tiny_model,
-                    mask='right', num_samples=3, jump_length=5, jump_n_sample=2, seed=3)
+  one = editing.run(
+    mode='inpaint',
+    out_dir=str(tmp_path / 'one'),
+    images=images[:1],
+    loaded=tiny_model,
+    mask='right',
+    num_samples=3,
+    jump_length=5,
+    jump_n_sample=2,
+    seed=3,
+  )
   with np.load(os.path.join(one['out_dir'], 'results.npz')) as f:
     np.testing.assert_array_equal(f['results'][0], results[0])
 
@@ -236,30 +287,36 @@ def test_run_refuses_a_folder_of_other_results_and_bad_arguments(tiny_model, tmp
     editing.run(mode='sdedit', out_dir=out, images=images, loaded=tiny_model, t_start=12, num_samples=2)
   assert {p: os.path.getmtime(os.path.join(out, p)) for p in os.listdir(out)} == before  # nothing overwritten
   bad = [
-      (dict(mode='inpaint'), '--mask'),
-      (dict(mode='inpaint', mask='diagonal'), 'neither a preset'),
-      (dict(mode='inpaint', mask='left', t_start=3), 'sdedit only'),
-      (dict(mode='inpaint', mask='left', jump_length=20, jump_n_sample=2), 'resampling point'),
-      (dict(mode='sdedit'), '--t_start'),
-      (dict(mode='sdedit', t_start=20), r'\[0, 19\]'),
-      (dict(mode='sdedit', t_start=5, mask='left'), 'inpaint only'),
-      (dict(mode='paint', t_start=5), 'Unknown --mode'),
-      (dict(mode='sdedit', t_start=5, num_samples=0), '--num_samples'),
-      (dict(mode='sdedit', t_start=5, class_label=1), 'unconditional'),
+    (dict(mode='inpaint'), '--mask'),
+    (dict(mode='inpaint', mask='diagonal'), 'neither a preset'),
+    (dict(mode='inpaint', mask='left', t_start=3), 'sdedit only'),
+    (dict(mode='inpaint', mask='left', jump_length=20, jump_n_sample=2), 'resampling point'),
+    (dict(mode='sdedit'), '--t_start'),
+    (dict(mode='sdedit', t_start=20), r'\[0, 19\]'),
+    (dict(mode='sdedit', t_start=5, mask='left'), 'inpaint only'),
+    (dict(mode='paint', t_start=5), 'Unknown --mode'),
+    (dict(mode='sdedit', t_start=5, num_samples=0), '--num_samples'),
+    (dict(mode='sdedit', t_start=5, class_label=1), 'unconditional'),
   ]
   for kwargs, match in bad:
     with pytest.raises(ValueError, match=match):
       editing.run(out_dir=str(tmp_path / 'bad'), images=images, loaded=tiny_model, **kwargs)
   with pytest.raises(ValueError, match=r'the model takes \(8, 8, 1\)'):
-    editing.run(mode='sdedit', t_start=5, out_dir=str(tmp_path / 'bad'), images=np.zeros((1, 4, 4, 1), np.uint8),
-                loaded=tiny_model)
+    editing.run(
+      mode='sdedit',
+      t_start=5,
+      out_dir=str(tmp_path / 'bad'),
+      images=np.zeros((1, 4, 4, 1), np.uint8),
+      loaded=tiny_model,
+    )
   assert not os.path.exists(tmp_path / 'bad' / 'results.npz')
 
 
 def test_load_images_from_a_file_or_a_dataset(tmp_path):
   Image.fromarray(np.full((16, 12, 3), 200, np.uint8)).save(tmp_path / 'a.png')
-  images, source = editing.load_images(image=str(tmp_path / 'a.png'), dataset=None, image_size=8, channels=1,
-                                       num_images=1)
+  images, source = editing.load_images(
+    image=str(tmp_path / 'a.png'), dataset=None, image_size=8, channels=1, num_images=1
+  )
   assert images.shape == (1, 8, 8, 1) and images.dtype == np.uint8 and source.endswith('a.png')
   digits, source = editing.load_images(image=None, dataset='digits', image_size=8, channels=1, num_images=3)
   assert digits.shape == (3, 8, 8, 1) and 'digits' in source

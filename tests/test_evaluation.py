@@ -28,9 +28,7 @@ def test_to_uint8_edges_and_rounding():
 
 def test_to_uint8_inverts_data_scaling_in_float32():
   u = np.arange(256)
-  x = (u.astype(np.float32) / np.float32(127.5) - np.float32(1.0)).astype(
-    np.float32
-  )  # input_pipeline scaling
+  x = (u.astype(np.float32) / np.float32(127.5) - np.float32(1.0)).astype(np.float32)  # input_pipeline scaling
   np.testing.assert_array_equal(ev.to_uint8(x), u)
   # Truncation (score_sde's astype) would not: 63 of the 256 float32 levels land just below their integer.
   assert (((x.astype(np.float64) + 1) * 127.5).astype(np.uint8) != u).sum() > 0
@@ -52,9 +50,7 @@ def test_compute_statistics_unbiased_float64():
 
 
 def test_stats_accumulator_matches_batch_statistics():
-  f = np.random.default_rng(1).normal(
-    loc=100.0, size=(103, 5)
-  )  # offset mean: the naive E[xx]-E[x]^2 loses digits
+  f = np.random.default_rng(1).normal(loc=100.0, size=(103, 5))  # offset mean: the naive E[xx]-E[x]^2 loses digits
   acc = ev.StatsAccumulator()
   for lo, hi in [(0, 1), (1, 40), (40, 40), (40, 103)]:
     acc.update(f[lo:hi])
@@ -101,9 +97,7 @@ def test_fid_from_sampled_gaussians_approaches_closed_form():
   a = mu1 + sd1 * rng.normal(size=(n, d))
   b = mu2 + sd2 * rng.normal(size=(n, d))
   closed = np.sum((mu1 - mu2) ** 2) + np.sum((sd1 - sd2) ** 2)
-  assert ev.frechet_distance(*ev.compute_statistics(a), *ev.compute_statistics(b)) == pytest.approx(
-    closed, abs=0.03
-  )
+  assert ev.frechet_distance(*ev.compute_statistics(a), *ev.compute_statistics(b)) == pytest.approx(closed, abs=0.03)
 
 
 def test_fid_symmetric_and_positive():
@@ -153,9 +147,7 @@ def test_inception_score_split_std_is_population_std():
   labels = np.concatenate([np.tile(np.arange(2), 50), np.tile(np.arange(4), 25)])  # split scores 2 and 4
   mean, std = ev.inception_score(_onehot_logits(labels), num_splits=2)
   assert mean == pytest.approx(3.0, rel=1e-9)
-  assert std == pytest.approx(
-    1.0, rel=1e-9
-  )  # np.std (ddof=0) as in the OpenAI code; ddof=1 would give sqrt(2)
+  assert std == pytest.approx(1.0, rel=1e-9)  # np.std (ddof=0) as in the OpenAI code; ddof=1 would give sqrt(2)
 
 
 def test_inception_score_matches_openai_formula():
@@ -239,9 +231,7 @@ def test_fid_from_samples_of_the_reference_images_is_zero(tmp_path):
   logits = images.reshape(35, -1)[:, :4].astype(np.float32) / 50.0
   assert result['inception_score'] == pytest.approx(ev.inception_score(logits, 5)[0], rel=1e-6)
   # Pool-only feature functions give FID without IS.
-  result = ev.fid_from_samples(
-    [samples[:20], samples[20:]], lambda x: fn(x).pool, tmp_path / 'ref.npz', progress=False
-  )
+  result = ev.fid_from_samples([samples[:20], samples[20:]], lambda x: fn(x).pool, tmp_path / 'ref.npz', progress=False)
   assert 'inception_score' not in result and abs(result['fid']) < 1e-8
 
 
@@ -293,13 +283,16 @@ def test_bpd_over_dataset_matches_calc_bpd_loop_and_ignores_batching():
   model, params = ShrinkModel(), {'w': jnp.float32(0.3)}
   images = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3)).astype(np.uint8)
   a = ev.bpd_over_dataset(model, params, sched, [images[:2], images[2:]], seed=1, progress=False)
-  b = ev.bpd_over_dataset(model, params, sched, [images], seed=1, progress=False,
-                                  devices=jax.local_devices()[:1])
+  b = ev.bpd_over_dataset(model, params, sched, [images], seed=1, progress=False, devices=jax.local_devices()[:1])
   np.testing.assert_allclose(a.total_bpd, b.total_bpd, rtol=1e-6)
   np.testing.assert_allclose(a.terms_bpd, b.terms_bpd, rtol=1e-5)
   assert a.num_images == 5 and a.terms_bpd.shape == (8,)
   x0 = input_pipeline.to_model_range(images)
-  ref = [diffusion.calc_bpd_loop(sched, lambda x, t: 0.3 * x, jnp.asarray(x0[i:i + 1]),
-                                 jax.random.fold_in(jax.random.key(1), i)).total_bpd[0] for i in range(5)]
+  ref = [
+    diffusion.calc_bpd_loop(
+      sched, lambda x, t: 0.3 * x, jnp.asarray(x0[i : i + 1]), jax.random.fold_in(jax.random.key(1), i)
+    ).total_bpd[0]
+    for i in range(5)
+  ]
   np.testing.assert_allclose(a.total_bpd, np.mean(ref), rtol=1e-5)
   np.testing.assert_allclose(a.total_bpd, a.terms_bpd.sum() + a.prior_bpd, rtol=1e-6)

@@ -34,22 +34,19 @@ def test_reconstruct_with_an_exact_x0_network_is_lossless():
   np.testing.assert_allclose(rec.l2, 0.0, atol=1e-4)
   assert not np.allclose(rec.x_t, x0)
   # A network that always says 0 reconstructs 0: distance is the images' own norm.
-  zero = figures.reconstruct(SCHED, lambda x_t, t: jnp.zeros_like(x_t), x0, 12, jax.random.key(1),
-                             mean_type='xstart')
+  zero = figures.reconstruct(SCHED, lambda x_t, t: jnp.zeros_like(x_t), x0, 12, jax.random.key(1), mean_type='xstart')
   np.testing.assert_allclose(zero.l2, jnp.sqrt(jnp.sum(x0**2, axis=(1, 2, 3))), rtol=1e-4)
   np.testing.assert_allclose(zero.rmse_255, jnp.sqrt(jnp.mean(x0**2, axis=(1, 2, 3))) * 127.5, rtol=1e-4)
 
 
 def test_progressive_generation_and_interpolation_shapes():
-  trace = figures.progressive_generation(SCHED, lambda x, t: 0.1 * x, (2, 4, 4, 1), jax.random.key(0),
-                                         num_snapshots=4)
+  trace = figures.progressive_generation(SCHED, lambda x, t: 0.1 * x, (2, 4, 4, 1), jax.random.key(0), num_snapshots=4)
   np.testing.assert_array_equal(trace.t, [15, 10, 5, 0])
   with pytest.raises(ValueError, match='num_snapshots'):
     figures.progressive_generation(SCHED, lambda x, t: x, (2, 4, 4, 1), jax.random.key(0), num_snapshots=3)
   a, b = _images(2, 0), _images(2, 1)
   exact = lambda x_t, t: jnp.zeros_like(x_t) + 0.5  # x0 estimate 0.5 everywhere
-  out = figures.interpolate(SCHED, exact, a, b, 10, jax.random.key(2), lambdas=(0.0, 0.5, 1.0),
-                            mean_type='xstart')
+  out = figures.interpolate(SCHED, exact, a, b, 10, jax.random.key(2), lambdas=(0.0, 0.5, 1.0), mean_type='xstart')
   assert out.shape == (3, 2, 4, 4, 3)
   np.testing.assert_allclose(out, 0.5, atol=1e-5)  # every chain ends at the network's x0
 
@@ -57,8 +54,7 @@ def test_progressive_generation_and_interpolation_shapes():
 def test_rate_distortion_curves():
   terms = np.array([[3.0, 0.5, 0.25, 0.125]] * 2)
   mse = np.array([[0.0, 0.01, 0.04, 0.09]] * 2)
-  res = diffusion.BpdResult(total_bpd=terms.sum(1) + 0.01, terms_bpd=terms, prior_bpd=np.full(2, 0.01),
-                            mse=mse)
+  res = diffusion.BpdResult(total_bpd=terms.sum(1) + 0.01, terms_bpd=terms, prior_bpd=np.full(2, 0.01), mse=mse)
   rd = figures.rate_distortion(res)
   np.testing.assert_allclose(rd.rate_bpd, [0.01 + 0.875, 0.01 + 0.375, 0.01 + 0.125, 0.01])
   np.testing.assert_allclose(rd.distortion_rmse, np.sqrt([0.0, 0.01, 0.04, 0.09]) * 127.5)
@@ -74,8 +70,17 @@ def test_each_figure_command_writes_its_png(tmp_path, name):
   params = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), jnp.zeros((1,), jnp.int32), train=False)['params']
   images = np.random.default_rng(0).integers(0, 256, (4, 4, 4, 1)).astype(np.uint8)
   out = str(tmp_path / f'{name}.png')
-  info = figures.make_figure(name, model=model, params=params, schedule=SCHED, images=images, out=out,
-                             key=jax.random.key(1), sample_kwargs={}, num_images=4)
+  info = figures.make_figure(
+    name,
+    model=model,
+    params=params,
+    schedule=SCHED,
+    images=images,
+    out=out,
+    key=jax.random.key(1),
+    sample_kwargs={},
+    num_images=4,
+  )
   assert info['path'] == out
   with Image.open(out) as im:
     assert im.size[0] > 32 and im.size[1] > 32

@@ -276,9 +276,7 @@ def test_save_load_round_trip_and_graph_semantics(tmp_path):
 
   got_7b = np.asarray(inter['Mixed_7b']['branch_pool']['__call__'][0])
   got_7c = np.asarray(inter['Mixed_7c']['branch_pool']['__call__'][0])
-  np.testing.assert_allclose(
-    got_7b, branch('Mixed_7b', inc.avg_pool_3x3_exclude_pad(x7a)), rtol=1e-4, atol=1e-4
-  )
+  np.testing.assert_allclose(got_7b, branch('Mixed_7b', inc.avg_pool_3x3_exclude_pad(x7a)), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(got_7c, branch('Mixed_7c', inc.max_pool_3x3(x7b, 1, 1)), rtol=1e-4, atol=1e-4)
   assert not np.allclose(got_7c, branch('Mixed_7c', inc.avg_pool_3x3_exclude_pad(x7b)), atol=1e-3)
   # The concatenation order puts branch_pool last (channels 1856..2047), as in torch.cat([...], 1).
@@ -427,9 +425,7 @@ def test_convert_pytorch_fid_pth_file_and_match_pytorch_forward(tmp_path):
   out, _ = _forward()(variables, image)
   scale = np.abs(ref_pool).max()
   np.testing.assert_allclose(np.asarray(out['pool']), ref_pool, rtol=0, atol=1e-4 * scale)
-  np.testing.assert_allclose(
-    np.asarray(out['logits']), ref_logits, rtol=0, atol=1e-4 * np.abs(ref_logits).max()
-  )
+  np.testing.assert_allclose(np.asarray(out['logits']), ref_logits, rtol=0, atol=1e-4 * np.abs(ref_logits).max())
 
 
 def test_fetch_inception_weights_checks_the_hash_and_fails_clearly_offline(tmp_path, monkeypatch):

@@ -37,10 +37,8 @@ def test_in_memory_batches_resume_hosts_and_shards():
   resumed = ip.in_memory_batches(images, global_batch=8, seed=1, start_step=4, num_local_devices=2)
   np.testing.assert_array_equal(next(resumed), full[4])
   # Two hosts with one device each see the two halves of the same global batch.
-  h0 = next(ip.in_memory_batches(images, global_batch=8, seed=1, num_local_devices=1, process_index=0,
-                                 process_count=2))
-  h1 = next(ip.in_memory_batches(images, global_batch=8, seed=1, num_local_devices=1, process_index=1,
-                                 process_count=2))
+  h0 = next(ip.in_memory_batches(images, global_batch=8, seed=1, num_local_devices=1, process_index=0, process_count=2))
+  h1 = next(ip.in_memory_batches(images, global_batch=8, seed=1, num_local_devices=1, process_index=1, process_count=2))
   np.testing.assert_array_equal(np.concatenate([h0[0], h1[0]]), full[0].reshape(8, 4, 4, 1))
 
 
@@ -87,7 +85,8 @@ def test_tfds_mock_in_memory_stream_and_eval():
     assert full.shape == (12, 32, 32, 3)
     batches = list(ip.eval_images('cifar10', split='test', image_size=32, batch_size=5))
     assert [b.shape[0] for b in batches] == [5, 5, 2] and batches[0].dtype == np.uint8
-    stream = ip.tfds_stream_batches('cifar10', split='train', image_size=16, channels=3, global_batch=8, seed=0,
-                                    num_local_devices=2)
+    stream = ip.tfds_stream_batches(
+      'cifar10', split='train', image_size=16, channels=3, global_batch=8, seed=0, num_local_devices=2
+    )
     b = next(stream)
     assert b.shape == (2, 4, 16, 16, 3) and b.dtype == np.float32 and -1 <= b.min() and b.max() <= 1

@@ -32,7 +32,8 @@ def _assert_value_and_vjp_match(f, ref, args, dy):
 
 def _ref_group_norm(x, scale, bias, groups, eps=1e-6):
   return nn.GroupNorm(num_groups=groups, epsilon=eps, use_fast_variance=False).apply(
-      {'params': {'scale': scale, 'bias': bias}}, x)
+    {'params': {'scale': scale, 'bias': bias}}, x
+  )
 
 
 @pytest.mark.parametrize('sums', ['reduce', 'tree'])
@@ -184,8 +185,13 @@ def test_blocks_gradients_match_autodiff_of_plain_layers(monkeypatch):
   got = jax.jit(grads)(p_res, p_attn)
 
   def plain_group_norm_module(**kw):
-    return nn.GroupNorm(num_groups=kw['num_groups'], epsilon=kw['epsilon'], use_fast_variance=False,
-                        param_dtype=kw['param_dtype'], name=kw['name'])
+    return nn.GroupNorm(
+      num_groups=kw['num_groups'],
+      epsilon=kw['epsilon'],
+      use_fast_variance=False,
+      param_dtype=kw['param_dtype'],
+      name=kw['name'],
+    )
 
   def plain_dense_module(features, **kw):
     return nn.Dense(features, **kw)

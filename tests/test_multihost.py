@@ -17,7 +17,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # argv: workdir, number of processes, process id, coordinator port, devices per process.
-_WORKER = r'''
+_WORKER = r"""
 import os, sys
 workdir, nproc, pid, port, ndev = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={ndev}'
@@ -35,7 +35,7 @@ config.train.sample_every = 4
 config.train.num_samples = 8
 summary = train_lib.train_and_evaluate(config, workdir)
 print('RESULT', jax.process_index(), jax.device_count(), summary['final_step'], repr(summary['loss']), flush=True)
-'''
+"""
 
 
 def _free_port():
@@ -48,8 +48,13 @@ def _start(workdir, nproc, pid, port, ndev):
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)
   env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=ROOT)
-  return subprocess.Popen([sys.executable, '-c', _WORKER, workdir, str(nproc), str(pid), str(port), str(ndev)],
-                          env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  return subprocess.Popen(
+    [sys.executable, '-c', _WORKER, workdir, str(nproc), str(pid), str(port), str(ndev)],
+    env=env,
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+  )
 
 
 def _result(proc, timeout=300):
@@ -83,7 +88,7 @@ def test_two_processes_train_like_one(tmp_path):
 
 
 # argv: process id, coordinator port. Each process maps over its own two devices with its own shared value.
-_LOCAL_WORKER = r'''
+_LOCAL_WORKER = r"""
 import json, os, sys
 pid, port = int(sys.argv[1]), sys.argv[2]
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
@@ -96,7 +101,7 @@ devices = jax.local_devices()
 run = data_parallel.map_over_devices(lambda s, x: x * s['k'] + jax.lax.axis_index(data_parallel.AXIS), devices)
 out = run(data_parallel.replicate({'k': np.float32(pid + 2)}, devices), np.arange(6, dtype=np.float32).reshape(2, 3))
 print('RESULT', pid, jax.device_count(), json.dumps(np.asarray(out).ravel().tolist()), flush=True)
-'''
+"""
 
 
 def test_map_over_devices_runs_on_each_process_alone():
@@ -105,8 +110,16 @@ def test_map_over_devices_runs_on_each_process_alone():
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)
   env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=ROOT)
-  procs = [subprocess.Popen([sys.executable, '-c', _LOCAL_WORKER, str(pid), str(port)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for pid in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', _LOCAL_WORKER, str(pid), str(port)],
+      env=env,
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+    )
+    for pid in range(2)
+  ]
   try:
     outs = [p.communicate(timeout=300)[0].decode() for p in procs]
   finally:

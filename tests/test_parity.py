@@ -37,22 +37,46 @@ SAMPLE_TOL = 5e-4
 
 # The configuration of google/ddpm-cifar10-32 (REFERENCE section 10).
 CIFAR10_CONFIG = dict(
-    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-    layers_per_block=2, down_block_types=('DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D'),
-    up_block_types=('UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'), downsample_padding=0,
-    flip_sin_to_cos=False, freq_shift=1, norm_num_groups=32, norm_eps=1e-6, act_fn='silu',
-    attention_head_dim=None, mid_block_scale_factor=1, center_input_sample=False, dropout=0.1)
+  sample_size=32,
+  in_channels=3,
+  out_channels=3,
+  block_out_channels=(128, 256, 256, 256),
+  layers_per_block=2,
+  down_block_types=('DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D'),
+  up_block_types=('UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'),
+  downsample_padding=0,
+  flip_sin_to_cos=False,
+  freq_shift=1,
+  norm_num_groups=32,
+  norm_eps=1e-6,
+  act_fn='silu',
+  attention_head_dim=None,
+  mid_block_scale_factor=1,
+  center_input_sample=False,
+  dropout=0.1,
+)
 
 # The layout of the 256x256 releases (6 levels, attention at level 4 = 16x16 for 256 inputs), with
 # fewer channels and a 64x64 input so that it runs in seconds (attention then sits at 4x4).
 SMALL_256_LAYOUT = dict(
-    CIFAR10_CONFIG, sample_size=64, block_out_channels=(32, 32, 64, 64, 128, 128), dropout=0.0,
-    down_block_types=('DownBlock2D',) * 4 + ('AttnDownBlock2D', 'DownBlock2D'),
-    up_block_types=('UpBlock2D', 'AttnUpBlock2D') + ('UpBlock2D',) * 4)
+  CIFAR10_CONFIG,
+  sample_size=64,
+  block_out_channels=(32, 32, 64, 64, 128, 128),
+  dropout=0.0,
+  down_block_types=('DownBlock2D',) * 4 + ('AttnDownBlock2D', 'DownBlock2D'),
+  up_block_types=('UpBlock2D', 'AttnUpBlock2D') + ('UpBlock2D',) * 4,
+)
 
 # A tiny model for the sampler tests (1000 network calls on each side).
-TINY = dict(CIFAR10_CONFIG, sample_size=16, block_out_channels=(32, 64), layers_per_block=1, dropout=0.0,
-            down_block_types=('DownBlock2D', 'AttnDownBlock2D'), up_block_types=('AttnUpBlock2D', 'UpBlock2D'))
+TINY = dict(
+  CIFAR10_CONFIG,
+  sample_size=16,
+  block_out_channels=(32, 64),
+  layers_per_block=1,
+  dropout=0.0,
+  down_block_types=('DownBlock2D', 'AttnDownBlock2D'),
+  up_block_types=('AttnUpBlock2D', 'UpBlock2D'),
+)
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -77,8 +101,14 @@ def _random_unet(config: dict, seed: int):
 
 
 def _scheduler(variance_type: str):
-  return diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                                 beta_schedule='linear', variance_type=variance_type, clip_sample=True)
+  return diffusers.DDPMScheduler(
+    num_train_timesteps=1000,
+    beta_start=1e-4,
+    beta_end=0.02,
+    beta_schedule='linear',
+    variance_type=variance_type,
+    clip_sample=True,
+  )
 
 
 def _torch_apply(model, x_nhwc: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -159,8 +189,7 @@ def test_256_layout_outputs_match(tmp_path):
   assert err < OUTPUT_TOL
 
 
-@pytest.mark.parametrize('variance_type, var_type', [('fixed_large', 'fixedlarge'),
-                                                     ('fixed_small', 'fixedsmall')])
+@pytest.mark.parametrize('variance_type, var_type', [('fixed_large', 'fixedlarge'), ('fixed_small', 'fixedsmall')])
 def test_one_reverse_step_matches_ddpm_scheduler(tiny, variance_type, var_type):
   torch_model, pre = tiny
   scheduler = _scheduler(variance_type)
@@ -170,16 +199,25 @@ def test_one_reverse_step_matches_ddpm_scheduler(tiny, variance_type, var_type):
     t = np.full((2,), t_int, np.int32)
     eps_ref = torch.from_numpy(_torch_apply(torch_model, x, t).transpose(0, 3, 1, 2))
     noise = torch.randn(eps_ref.shape, generator=torch.Generator().manual_seed(t_int))
-    step = scheduler.step(eps_ref, t_int, torch.from_numpy(x.transpose(0, 3, 1, 2)),
-                          generator=torch.Generator().manual_seed(t_int))  # draws the same noise
-    out = diffusion.p_mean_variance(pre.schedule, pre.denoise_fn(), jnp.asarray(x), jnp.asarray(t),
-                                    mean_type='eps', var_type=var_type, clip_denoised=True)
+    step = scheduler.step(
+      eps_ref, t_int, torch.from_numpy(x.transpose(0, 3, 1, 2)), generator=torch.Generator().manual_seed(t_int)
+    )  # draws the same noise
+    out = diffusion.p_mean_variance(
+      pre.schedule,
+      pre.denoise_fn(),
+      jnp.asarray(x),
+      jnp.asarray(t),
+      mean_type='eps',
+      var_type=var_type,
+      clip_denoised=True,
+    )
     # The update of sampling.p_sample, with the noise given instead of drawn from a key.
     nonzero = float(t_int != 0)
     ours = out.mean + nonzero * jnp.exp(0.5 * out.log_variance) * noise.numpy().transpose(0, 2, 3, 1)
     ref = step.prev_sample.numpy().transpose(0, 2, 3, 1)
-    np.testing.assert_allclose(np.asarray(out.pred_xstart),
-                               step.pred_original_sample.numpy().transpose(0, 2, 3, 1), atol=STEP_TOL)
+    np.testing.assert_allclose(
+      np.asarray(out.pred_xstart), step.pred_original_sample.numpy().transpose(0, 2, 3, 1), atol=STEP_TOL
+    )
     err = np.abs(np.asarray(ours) - ref).max()
     print(f'{variance_type} t={t_int} max abs diff {err:.2e}')
     assert err < STEP_TOL, (t_int, err)
@@ -197,11 +235,15 @@ def test_full_sampling_run_matches(tiny, monkeypatch):
   key = jax.random.key(42)
   noise_key, loop_key = jax.random.split(key)
   x_init = np.asarray(jax.random.normal(noise_key, shape, jnp.float32))
-  step_noise = np.asarray(jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(
-      jax.random.split(loop_key, 1000)))
+  step_noise = np.asarray(
+    jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(jax.random.split(loop_key, 1000))
+  )
 
-  ours = np.asarray(jax.jit(lambda p, k: sampling.p_sample_loop(
-      pre.schedule, pre.denoise_fn(p), shape, k, **pre.sample_kwargs()))(pre.params, key))
+  ours = np.asarray(
+    jax.jit(lambda p, k: sampling.p_sample_loop(pre.schedule, pre.denoise_fn(p), shape, k, **pre.sample_kwargs()))(
+      pre.params, key
+    )
+  )
 
   calls = []
 

@@ -23,8 +23,15 @@ safetensors_numpy = pytest.importorskip('safetensors.numpy')
 IMAGE_SIZE = 16
 TINY = unet_lib.UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
 
-DDPM_SCHEDULER = dict(_class_name='DDPMScheduler', num_train_timesteps=1000, beta_start=0.0001,
-                      beta_end=0.02, beta_schedule='linear', variance_type='fixed_large', clip_sample=True)
+DDPM_SCHEDULER = dict(
+  _class_name='DDPMScheduler',
+  num_train_timesteps=1000,
+  beta_start=0.0001,
+  beta_end=0.02,
+  beta_schedule='linear',
+  variance_type='fixed_large',
+  clip_sample=True,
+)
 
 
 @pytest.fixture(scope='module')
@@ -36,8 +43,9 @@ def tiny_params():
   return jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), abstract)
 
 
-def _write_folder(folder, params, *, config=None, scheduler=DDPM_SCHEDULER, layout='root',
-                  legacy=False, state_dict=None):
+def _write_folder(
+  folder, params, *, config=None, scheduler=DDPM_SCHEDULER, layout='root', legacy=False, state_dict=None
+):
   unet_dir = folder if layout == 'root' else folder / 'unet'
   unet_dir.mkdir(parents=True, exist_ok=True)
   config = config or pretrained.diffusers_config(TINY, IMAGE_SIZE)
@@ -59,6 +67,7 @@ def _assert_trees_equal(a, b):
 
 
 # ------------------------------------------------------------------------------------------ happy paths
+
 
 def test_roundtrip_repo_root_layout(tmp_path, tiny_params):
   pre = pretrained.load_diffusers(_write_folder(tmp_path, tiny_params))
@@ -82,8 +91,9 @@ def test_pipeline_layout_with_legacy_attention_names(tmp_path, tiny_params):
 def test_loaded_model_runs_the_sampler(tmp_path, tiny_params):
   pre = pretrained.load_pretrained(_write_folder(tmp_path, tiny_params))
   # A short respaced chain is enough to check the plumbing (Pretrained -> sampler).
-  out = pretrained.sample(pre._replace(schedule=pretrained.sched_lib.respace(pre.schedule, [0, 500, 999])[0]),
-                          jax.random.key(0), 2)
+  out = pretrained.sample(
+    pre._replace(schedule=pretrained.sched_lib.respace(pre.schedule, [0, 500, 999])[0]), jax.random.key(0), 2
+  )
   assert out.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and np.all(np.isfinite(out))
 
 
@@ -100,7 +110,11 @@ def test_release_registry():
   assert {f'google/ddpm-{n}' for n in names} <= set(pretrained.RELEASES)
   cifar = pretrained.RELEASES['google/ddpm-cifar10-32']
   assert (cifar.image_size, cifar.var_type, cifar.clip_denoised, cifar.ch_mult) == (
-      32, 'fixedlarge', True, (1, 2, 2, 2))
+    32,
+    'fixedlarge',
+    True,
+    (1, 2, 2, 2),
+  )
   for name, info in pretrained.RELEASES.items():
     if name != 'google/ddpm-cifar10-32':
       assert (info.image_size, info.var_type, info.ch_mult) == (256, 'fixedsmall', (1, 1, 2, 2, 4, 4))
@@ -108,8 +122,9 @@ def test_release_registry():
     assert info.ema is (True if '-ema-' in name else None)
 
 
-@pytest.mark.parametrize('make, image_size, n_tensors', [(unet_lib.unet_cifar10, 32, 328),
-                                                        (unet_lib.unet_256, 256, None)])
+@pytest.mark.parametrize(
+  'make, image_size, n_tensors', [(unet_lib.unet_cifar10, 32, 328), (unet_lib.unet_256, 256, None)]
+)
 def test_full_size_mapping_is_one_to_one(make, image_size, n_tensors):
   model = make()
   abstract = pretrained.abstract_params(model, image_size)
@@ -129,6 +144,7 @@ def test_full_size_mapping_is_one_to_one(make, image_size, n_tensors):
 
 # ----------------------------------------------------------------------------------------------- errors
 
+
 def test_not_a_folder(tmp_path):
   with pytest.raises(ValueError, match='not a folder'):
     pretrained.load_diffusers(str(tmp_path / 'nope'))
@@ -138,7 +154,9 @@ def test_not_a_folder(tmp_path):
     pretrained.load_diffusers(str(tmp_path))
 
 
-@pytest.mark.parametrize('key, value, match', [
+@pytest.mark.parametrize(
+  'key, value, match',
+  [
     ('_class_name', 'UNetModel', '_class_name'),
     ('flip_sin_to_cos', True, 'flip_sin_to_cos'),
     ('freq_shift', 0, 'freq_shift'),
@@ -152,7 +170,8 @@ def test_not_a_folder(tmp_path):
     ('block_out_channels', [32, 48], 'multiples'),
     ('sample_size', 15, 'sample_size'),
     ('out_channels', 6, 'out_channels'),
-])
+  ],
+)
 def test_unsupported_config(tmp_path, tiny_params, key, value, match):
   config = dict(pretrained.diffusers_config(TINY, IMAGE_SIZE), **{key: value})
   folder = _write_folder(tmp_path, tiny_params, config=config)
@@ -212,8 +231,9 @@ def test_bin_weights_load_without_torch(tmp_path, tiny_params, monkeypatch):
   folder = _write_folder(tmp_path, tiny_params)
   want = pretrained.load_diffusers(folder).params
   sd = pretrained.to_diffusers_state_dict(tiny_params)
-  torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},
-             os.path.join(folder, pretrained.WEIGHTS_BIN))
+  torch.save(
+    {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, os.path.join(folder, pretrained.WEIGHTS_BIN)
+  )
   os.remove(os.path.join(folder, pretrained.WEIGHTS_SAFETENSORS))
   monkeypatch.setitem(sys.modules, 'torch', None)  # import torch now raises ImportError: the reader must not need it
   pre = pretrained.load_diffusers(folder)
@@ -228,11 +248,14 @@ def test_bin_weights_load_without_torch(tmp_path, tiny_params, monkeypatch):
 def test_sample_command_runs_a_released_model_folder(tmp_path, tiny_params):
   """sample.py --pretrained <diffusers folder>: the release's own settings, its weights, exact counts."""
   from ddpm_jax import sample_lib  # pylint: disable=g-import-not-at-top
-  folder = _write_folder(tmp_path / 'release', tiny_params,
-                         scheduler=dict(DDPM_SCHEDULER, num_train_timesteps=10, beta_end=0.2))
+
+  folder = _write_folder(
+    tmp_path / 'release', tiny_params, scheduler=dict(DDPM_SCHEDULER, num_train_timesteps=10, beta_end=0.2)
+  )
   out = str(tmp_path / 'samples')
-  summary = sample_lib.run(workdir=None, pretrained=folder, out_dir=out, num_samples=3, batch_size=2, seed=1,
-                           progress=False)
+  summary = sample_lib.run(
+    workdir=None, pretrained=folder, out_dir=out, num_samples=3, batch_size=2, seed=1, progress=False
+  )
   assert summary['num_samples'] == 3 and summary['num_shards'] == 2
   images = sample_lib.load_samples(out)
   assert images.shape == (3, IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == np.uint8
@@ -241,20 +264,24 @@ def test_sample_command_runs_a_released_model_folder(tmp_path, tiny_params):
   assert settings['sampler']['var_type'] == 'fixedlarge' and settings['sampler']['clip_denoised'] is True
   pre = pretrained.load_diffusers(folder)
   assert pre.schedule.num_timesteps == 10
-  direct = sample_lib.BatchSampler(pre.model, pre.params, pre.schedule, sample_lib.SamplerSpec(),
-                                   (IMAGE_SIZE, IMAGE_SIZE, 3), seed=1)
+  direct = sample_lib.BatchSampler(
+    pre.model, pre.params, pre.schedule, sample_lib.SamplerSpec(), (IMAGE_SIZE, IMAGE_SIZE, 3), seed=1
+  )
   np.testing.assert_array_equal(images, direct(np.arange(3)))
   with pytest.raises(ValueError, match='exactly one'):
     sample_lib.run(workdir=str(tmp_path), pretrained=folder, out_dir=out, num_samples=1, progress=False)
 
 
-@pytest.mark.parametrize('key, value, match', [
+@pytest.mark.parametrize(
+  'key, value, match',
+  [
     ('variance_type', 'learned_range', 'variance_type'),
     ('prediction_type', 'v_prediction', 'prediction_type'),
     ('beta_schedule', 'sigmoid', 'beta_schedule'),
     ('thresholding', True, 'thresholding'),
     ('_class_name', 'DDIMScheduler', 'var_type='),
-])
+  ],
+)
 def test_unsupported_scheduler(tmp_path, tiny_params, key, value, match):
   folder = _write_folder(tmp_path, tiny_params, scheduler=dict(DDPM_SCHEDULER, **{key: value}))
   with pytest.raises(ValueError, match=match) as err:
@@ -263,10 +290,15 @@ def test_unsupported_scheduler(tmp_path, tiny_params, key, value, match):
 
 
 def test_scheduler_variants():
-  for diffusers_name, ours in (('fixed_large', 'fixedlarge'), ('fixed_large_log', 'fixedlarge'),
-                               ('fixed_small', 'fixedsmall'), ('fixed_small_log', 'fixedsmall')):
+  for diffusers_name, ours in (
+    ('fixed_large', 'fixedlarge'),
+    ('fixed_large_log', 'fixedlarge'),
+    ('fixed_small', 'fixedsmall'),
+    ('fixed_small_log', 'fixedsmall'),
+  ):
     _, var_type, clip, mean_type = pretrained.settings_from_scheduler_config(
-        dict(DDPM_SCHEDULER, variance_type=diffusers_name))
+      dict(DDPM_SCHEDULER, variance_type=diffusers_name)
+    )
     assert (var_type, clip, mean_type) == (ours, True, 'eps')
   # Missing keys take DDPMScheduler's defaults (fixed_small, clip on).
   sched, var_type, clip, _ = pretrained.settings_from_scheduler_config({'_class_name': 'DDPMScheduler'})
@@ -274,6 +306,7 @@ def test_scheduler_variants():
 
 
 # ---------------------------------------------------------------------------------------- TF checkpoints
+
 
 @pytest.fixture(scope='module')
 def tf():
@@ -284,8 +317,12 @@ def tf():
 
 def _write_tf_checkpoint(tf, prefix, variables):
   names = sorted(variables)
-  tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=names, shape_and_slices=[''] * len(names),
-                    tensors=[tf.constant(variables[n]) for n in names])
+  tf.raw_ops.SaveV2(
+    prefix=str(prefix),
+    tensor_names=names,
+    shape_and_slices=[''] * len(names),
+    tensors=[tf.constant(variables[n]) for n in names],
+  )
   return str(prefix)
 
 
@@ -308,21 +345,27 @@ def test_tf_checkpoint_ema_and_raw(tf, tmp_path, tiny_params):
   _assert_trees_equal(raw, tiny_params)
   # The architecture can also be read off the checkpoint.
   model, size = pretrained.infer_tf_model(
-      {k: v.shape for k, v in _tf_variables(tiny_params).items()}, image_size=IMAGE_SIZE)
+    {k: v.shape for k, v in _tf_variables(tiny_params).items()}, image_size=IMAGE_SIZE
+  )
   assert model.config_fields() == TINY.config_fields() and size == IMAGE_SIZE
   _assert_trees_equal(pretrained.load_tf_checkpoint(prefix, image_size=IMAGE_SIZE), ema)
 
 
-@pytest.mark.parametrize('ch_mult, image_size, var_type, matched', [
+@pytest.mark.parametrize(
+  'ch_mult, image_size, var_type, matched',
+  [
     ((1, 2, 2, 2), 32, 'fixedlarge', True),  # the CIFAR-10 layout: its release's settings
     ((1, 1, 1, 1, 1, 1), 256, 'fixedsmall', False),  # 256x256, matching no release: the LSUN/CelebA code path
-])
-def test_tf_checkpoint_through_load_pretrained_reads_architecture_and_settings(tf, tmp_path, ch_mult, image_size,
-                                                                              var_type, matched):
+  ],
+)
+def test_tf_checkpoint_through_load_pretrained_reads_architecture_and_settings(
+  tf, tmp_path, ch_mult, image_size, var_type, matched
+):
   model = unet_lib.UNet(ch=32, ch_mult=ch_mult, num_res_blocks=1, attn_resolutions=(16,), dropout=0.0)
   rng = np.random.RandomState(1)
-  params = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32),
-                        pretrained.abstract_params(model, image_size))
+  params = jax.tree.map(
+    lambda a: rng.standard_normal(a.shape).astype(np.float32), pretrained.abstract_params(model, image_size)
+  )
   prefix = _write_tf_checkpoint(tf, tmp_path / 'model.ckpt-1', _tf_variables(params))
   pre = pretrained.load_pretrained(prefix)  # what sample.py --pretrained <prefix> calls
   assert pre.model.config_fields() == model.config_fields() and pre.image_size == image_size

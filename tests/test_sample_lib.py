@@ -31,17 +31,20 @@ def sampler8(params):
 
 
 def test_exact_count_determinism_and_batch_independence(tmp_path, params, sampler8):
-  summary = sample_lib.sample_to_dir(sampler8, str(tmp_path / 'a'), num_samples=7, shard_size=3,
-                                     image_shape=SHAPE, progress=False)
+  summary = sample_lib.sample_to_dir(
+    sampler8, str(tmp_path / 'a'), num_samples=7, shard_size=3, image_shape=SHAPE, progress=False
+  )
   assert summary['num_shards'] == 3 and summary['skipped_shards'] == 0
   a = sample_lib.load_samples(str(tmp_path / 'a'))
   assert a.shape == (7,) + SHAPE and a.dtype == np.uint8
   assert os.path.exists(tmp_path / 'a' / 'grid.png')
   # Another shard size and a single device give the same images: image i depends on (seed, i) only.
-  one_device = sample_lib.BatchSampler(MODEL, params, SCHED, sample_lib.SamplerSpec(), SHAPE, seed=3,
-                                       devices=jax.local_devices()[:1])
-  sample_lib.sample_to_dir(one_device, str(tmp_path / 'b'), num_samples=7, shard_size=5, image_shape=SHAPE,
-                           progress=False)
+  one_device = sample_lib.BatchSampler(
+    MODEL, params, SCHED, sample_lib.SamplerSpec(), SHAPE, seed=3, devices=jax.local_devices()[:1]
+  )
+  sample_lib.sample_to_dir(
+    one_device, str(tmp_path / 'b'), num_samples=7, shard_size=5, image_shape=SHAPE, progress=False
+  )
   np.testing.assert_array_equal(sample_lib.load_samples(str(tmp_path / 'b')), a)
   assert len(np.unique(a.reshape(7, -1), axis=0)) == 7  # images differ from each other
   other_seed = sample_lib.BatchSampler(MODEL, params, SCHED, sample_lib.SamplerSpec(), SHAPE, seed=4)
@@ -63,8 +66,7 @@ def test_resume_skips_finished_shards_and_refuses_other_settings(tmp_path, sampl
   assert sorted(os.listdir(out)) == ['samples_00000.npz', 'sampling.json']
   first = np.load(os.path.join(out, 'samples_00000.npz'))['images']
   calls.clear()
-  summary = sample_lib.sample_to_dir(sampler8, out, num_samples=6, shard_size=2, image_shape=SHAPE,
-                                     progress=False)
+  summary = sample_lib.sample_to_dir(sampler8, out, num_samples=6, shard_size=2, image_shape=SHAPE, progress=False)
   assert summary['skipped_shards'] == 1
   full = sample_lib.load_samples(out)
   np.testing.assert_array_equal(full[:2], first)
@@ -72,29 +74,41 @@ def test_resume_skips_finished_shards_and_refuses_other_settings(tmp_path, sampl
   # A truncated shard is redone, not trusted.
   with open(os.path.join(out, 'samples_00002.npz'), 'wb') as f:
     f.write(b'garbage')
-  assert sample_lib.sample_to_dir(sampler8, out, num_samples=6, shard_size=2, image_shape=SHAPE,
-                                  progress=False)['skipped_shards'] == 2
+  assert (
+    sample_lib.sample_to_dir(sampler8, out, num_samples=6, shard_size=2, image_shape=SHAPE, progress=False)[
+      'skipped_shards'
+    ]
+    == 2
+  )
   np.testing.assert_array_equal(sample_lib.load_samples(out), full)
   with pytest.raises(ValueError, match='num_samples'):
     sample_lib.sample_to_dir(sampler8, out, num_samples=8, shard_size=2, image_shape=SHAPE, progress=False)
   assert json.load(open(os.path.join(out, 'sampling.json')))['num_samples'] == 6
 
 
-@pytest.mark.parametrize('spec', [sample_lib.SamplerSpec(name='ddim', steps=5, eta=0.0),
-                                  sample_lib.SamplerSpec(name='respaced', steps=5, var_type='fixedsmall')])
+@pytest.mark.parametrize(
+  'spec',
+  [
+    sample_lib.SamplerSpec(name='ddim', steps=5, eta=0.0),
+    sample_lib.SamplerSpec(name='respaced', steps=5, var_type='fixedsmall'),
+  ],
+)
 def test_fast_samplers_run(spec, params):
   s = sample_lib.BatchSampler(MODEL, params, SCHED, spec, SHAPE, seed=0, devices=jax.local_devices()[:2])
   images = s(np.arange(3))
   assert images.shape == (3,) + SHAPE and images.dtype == np.uint8
 
 
-@pytest.mark.parametrize('spec, match', [
+@pytest.mark.parametrize(
+  'spec, match',
+  [
     (sample_lib.SamplerSpec(name='plms'), 'plms'),
     (sample_lib.SamplerSpec(name='ancestral', steps=5), 'respaced'),
     (sample_lib.SamplerSpec(name='ddim', steps=11), 'steps'),
     (sample_lib.SamplerSpec(name='respaced', steps=5, eta=0.5), 'eta'),
     (sample_lib.SamplerSpec(var_type='large'), 'large'),
-])
+  ],
+)
 def test_bad_sampler_specs(spec, match):
   with pytest.raises(ValueError, match=match):
     spec.validate(SCHED.num_timesteps)

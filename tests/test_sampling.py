@@ -44,8 +44,7 @@ def exact_sampler_moments(var_type, tb=TABLES):
     x0_a, x0_b = r - rm1 * k, rm1 * k * np.sqrt(abar) * MU
     a = tb['posterior_mean_coef1'][i] * x0_a + tb['posterior_mean_coef2'][i]
     b = tb['posterior_mean_coef1'][i] * x0_b
-    log_var = (tb['fixedlarge_log_variance'] if var_type == 'fixedlarge' else
-               tb['posterior_log_variance_clipped'])[i]
+    log_var = (tb['fixedlarge_log_variance'] if var_type == 'fixedlarge' else tb['posterior_log_variance_clipped'])[i]
     sigma2 = np.exp(log_var) if i > 0 else 0.0
     m, v = a * m + b, a * a * v + sigma2
   return m, v
@@ -54,8 +53,9 @@ def exact_sampler_moments(var_type, tb=TABLES):
 @pytest.mark.parametrize('var_type', ['fixedlarge', 'fixedsmall'])
 def test_sampler_matches_exact_output_distribution_for_gaussian_data(var_type):
   shape = (256, 8, 8, 1)  # 16,384 independent pixels
-  run = jax.jit(functools.partial(sampling.p_sample_loop, SCHED, gaussian_eps, shape,
-                                  var_type=var_type, clip_denoised=False))
+  run = jax.jit(
+    functools.partial(sampling.p_sample_loop, SCHED, gaussian_eps, shape, var_type=var_type, clip_denoised=False)
+  )
   x = np.asarray(run(jax.random.key(0)), np.float64)
   m, v = exact_sampler_moments(var_type)
   n = x.size
@@ -69,8 +69,7 @@ def test_sampler_matches_exact_output_distribution_for_gaussian_data(var_type):
 
 def test_sampler_recovers_a_two_point_distribution_with_clipping():
   shape = (512, 4, 4, 1)
-  x = np.asarray(jax.jit(functools.partial(sampling.p_sample_loop, SCHED, two_point_eps, shape))(
-      jax.random.key(1)))
+  x = np.asarray(jax.jit(functools.partial(sampling.p_sample_loop, SCHED, two_point_eps, shape))(jax.random.key(1)))
   assert np.all(np.abs(x) <= 1.0 + 1e-6)  # clipped x0 and no noise at the last step
   near_plus = np.abs(x - 0.5) < 0.05
   near_minus = np.abs(x + 0.5) < 0.05
@@ -148,14 +147,17 @@ def test_sampler_bad_input():
   with pytest.raises(ValueError, match='x_init'):
     sampling.p_sample_loop(sched, fn, (2, 4, 4, 1), jax.random.key(0), x_init=jnp.zeros((2, 4, 4, 3)))
   with pytest.raises(ValueError, match=r'\(2, 4, 4, 2\)'):
-    sampling.p_sample_loop(sched, lambda x, t: jnp.concatenate([x, x], -1), (2, 4, 4, 1),
-                           jax.random.key(0))
+    sampling.p_sample_loop(sched, lambda x, t: jnp.concatenate([x, x], -1), (2, 4, 4, 1), jax.random.key(0))
 
 
 def test_ddim_eta1_all_steps_matches_ancestral_fixedsmall_statistics():
   shape = (256, 8, 8, 1)
-  x = np.asarray(jax.jit(functools.partial(sampling.ddim_sample_loop, SCHED, gaussian_eps, shape, eta=1.0,
-                                           clip_denoised=False))(jax.random.key(2)), np.float64)
+  x = np.asarray(
+    jax.jit(functools.partial(sampling.ddim_sample_loop, SCHED, gaussian_eps, shape, eta=1.0, clip_denoised=False))(
+      jax.random.key(2)
+    ),
+    np.float64,
+  )
   m, v = exact_sampler_moments('fixedsmall')
   assert abs(x.mean() - m) < 5 * np.sqrt(v / x.size)
   assert abs(x.var() - v) < 5 * v * np.sqrt(2 / x.size)
@@ -174,8 +176,7 @@ def test_ddim_eta1_step_equals_ancestral_fixedsmall_step():
 def test_ddim_eta0_is_deterministic_and_reaches_the_data():
   shape = (64, 4, 4, 1)
   x_init = jax.random.normal(jax.random.key(0), shape)
-  run = lambda key: sampling.ddim_sample_loop(SCHED, two_point_eps, shape, key, num_steps=50, eta=0.0,
-                                              x_init=x_init)
+  run = lambda key: sampling.ddim_sample_loop(SCHED, two_point_eps, shape, key, num_steps=50, eta=0.0, x_init=x_init)
   a, b = run(jax.random.key(1)), run(jax.random.key(2))
   np.testing.assert_array_equal(a, b)  # no randomness beyond x_init
   a = np.asarray(a)
@@ -195,9 +196,17 @@ def test_respaced_ancestral_sampling_follows_the_respaced_chain():
   np.testing.assert_array_equal(probe, keep[[0, 1, 99]])
   shape = (256, 8, 8, 1)
   for var_type in ('fixedsmall', 'fixedlarge'):
-    x = np.asarray(sampling.p_sample_loop(short, sampling.remap_timesteps(gaussian_eps, tmap), shape,
-                                          jax.random.key(3), var_type=var_type, clip_denoised=False),
-                   np.float64)
+    x = np.asarray(
+      sampling.p_sample_loop(
+        short,
+        sampling.remap_timesteps(gaussian_eps, tmap),
+        shape,
+        jax.random.key(3),
+        var_type=var_type,
+        clip_denoised=False,
+      ),
+      np.float64,
+    )
     m, v = exact_sampler_moments(var_type, sched_lib.schedule_tables(sched_lib.respace_betas(betas64, keep)[0]))
     assert abs(x.mean() - m) < 5 * np.sqrt(v / x.size)
     assert abs(x.var() - v) < 5 * v * np.sqrt(2 / x.size)

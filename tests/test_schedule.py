@@ -19,21 +19,20 @@ def _reference_tables(betas):
   abar_prev = np.array([1.0] + list(abar[:-1]))
   post_var = np.array([betas[i] * (1 - abar_prev[i]) / (1 - abar[i]) for i in range(n)])
   return dict(
-      betas=np.asarray(betas),
-      alphas_cumprod=abar,
-      alphas_cumprod_prev=abar_prev,
-      sqrt_alphas_cumprod=np.sqrt(abar),
-      sqrt_one_minus_alphas_cumprod=np.sqrt(1 - abar),
-      log_one_minus_alphas_cumprod=np.log(1 - abar),
-      sqrt_recip_alphas_cumprod=1 / np.sqrt(abar),
-      sqrt_recipm1_alphas_cumprod=np.sqrt((1 - abar) / abar),
-      posterior_variance=post_var,
-      posterior_log_variance_clipped=np.log([post_var[1]] + list(post_var[1:])),
-      posterior_mean_coef1=np.array([betas[i] * math.sqrt(abar_prev[i]) / (1 - abar[i]) for i in range(n)]),
-      posterior_mean_coef2=np.array(
-          [(1 - abar_prev[i]) * math.sqrt(1 - betas[i]) / (1 - abar[i]) for i in range(n)]),
-      fixedlarge_variance=np.asarray(betas),
-      fixedlarge_log_variance=np.log([post_var[1]] + list(betas[1:])),
+    betas=np.asarray(betas),
+    alphas_cumprod=abar,
+    alphas_cumprod_prev=abar_prev,
+    sqrt_alphas_cumprod=np.sqrt(abar),
+    sqrt_one_minus_alphas_cumprod=np.sqrt(1 - abar),
+    log_one_minus_alphas_cumprod=np.log(1 - abar),
+    sqrt_recip_alphas_cumprod=1 / np.sqrt(abar),
+    sqrt_recipm1_alphas_cumprod=np.sqrt((1 - abar) / abar),
+    posterior_variance=post_var,
+    posterior_log_variance_clipped=np.log([post_var[1]] + list(post_var[1:])),
+    posterior_mean_coef1=np.array([betas[i] * math.sqrt(abar_prev[i]) / (1 - abar[i]) for i in range(n)]),
+    posterior_mean_coef2=np.array([(1 - abar_prev[i]) * math.sqrt(1 - betas[i]) / (1 - abar[i]) for i in range(n)]),
+    fixedlarge_variance=np.asarray(betas),
+    fixedlarge_log_variance=np.log([post_var[1]] + list(betas[1:])),
   )
 
 
@@ -65,8 +64,9 @@ def test_tables_match_independent_float64_reference(name):
     if field in ref:
       np.testing.assert_allclose(value, ref[field].astype(np.float32), rtol=2e-6, atol=0, err_msg=field)
   np.testing.assert_allclose(s.recip_posterior_mean_coef1, 1 / ref['posterior_mean_coef1'], rtol=2e-6)
-  np.testing.assert_allclose(s.posterior_mean_coef2_over_coef1,
-                             ref['posterior_mean_coef2'] / ref['posterior_mean_coef1'], rtol=2e-6)
+  np.testing.assert_allclose(
+    s.posterior_mean_coef2_over_coef1, ref['posterior_mean_coef2'] / ref['posterior_mean_coef1'], rtol=2e-6
+  )
 
 
 def test_tables_are_computed_in_float64_then_cast():
@@ -85,8 +85,9 @@ def test_tables_are_computed_in_float64_then_cast():
 
 def test_named_beta_schedules():
   t = 1000
-  np.testing.assert_allclose(sched_lib.get_beta_schedule('quad'),
-                             np.linspace(1e-2, math.sqrt(0.02), t) ** 2, rtol=1e-12)
+  np.testing.assert_allclose(
+    sched_lib.get_beta_schedule('quad'), np.linspace(1e-2, math.sqrt(0.02), t) ** 2, rtol=1e-12
+  )
   np.testing.assert_array_equal(sched_lib.get_beta_schedule('const', beta_end=0.01), np.full(t, 0.01))
   jsd = sched_lib.get_beta_schedule('jsd', num_timesteps=4)
   np.testing.assert_allclose(jsd, [1 / 4, 1 / 3, 1 / 2, 1.0])
@@ -120,12 +121,15 @@ def test_respace_keeps_alpha_bar_at_kept_steps():
   np.testing.assert_allclose(full, betas, rtol=1e-9)
 
 
-@pytest.mark.parametrize('kwargs, match', [
+@pytest.mark.parametrize(
+  'kwargs, match',
+  [
     (dict(name='linaer'), 'linaer'),
     (dict(name='linear', num_timesteps=0), 'num_timesteps'),
     (dict(name='linear', beta_start=0.1, beta_end=0.01), 'beta_start=0.1'),
     (dict(name='linear', beta_end=1.5), 'beta_end=1.5'),
-])
+  ],
+)
 def test_bad_schedule_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     sched_lib.get_beta_schedule(**kwargs)

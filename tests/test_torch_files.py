@@ -14,16 +14,16 @@ torch = pytest.importorskip('torch')  # the reference extra: only to write the f
 def _state_dict():
   base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
   return {
-      'dense': torch.randn(3, 4, generator=torch.Generator().manual_seed(0)),
-      'transposed': base.t(),  # non-contiguous strides
-      'slice': base[1:, 2:5],  # a view at an offset into a storage shared with 'transposed'
-      'half': torch.linspace(-2, 2, 5).half(),
-      'bfloat16': torch.linspace(-3, 3, 6).reshape(2, 3).bfloat16(),
-      'int64': torch.arange(7),
-      'bool': torch.tensor([True, False]),
-      'scalar': torch.tensor(3.5),
-      'empty': torch.zeros(0, 3),
-      'parameter': torch.nn.Parameter(torch.ones(2)),
+    'dense': torch.randn(3, 4, generator=torch.Generator().manual_seed(0)),
+    'transposed': base.t(),  # non-contiguous strides
+    'slice': base[1:, 2:5],  # a view at an offset into a storage shared with 'transposed'
+    'half': torch.linspace(-2, 2, 5).half(),
+    'bfloat16': torch.linspace(-3, 3, 6).reshape(2, 3).bfloat16(),
+    'int64': torch.arange(7),
+    'bool': torch.tensor([True, False]),
+    'scalar': torch.tensor(3.5),
+    'empty': torch.zeros(0, 3),
+    'parameter': torch.nn.Parameter(torch.ones(2)),
   }
 
 

@@ -45,11 +45,19 @@ def _run_steps(devices, steps=3, *, clip_groups=0, grad_clip=1.0, lr=1e-3, warmu
   tx = train_lib.make_optimizer(lr=lr, warmup_steps=warmup, grad_clip=grad_clip, clip_in_optimizer=not clip_groups)
   state = train_lib.create_state(_params(), tx)
   p_step = train_lib.make_p_train_step(
-      devices=devices, model=MODEL, schedule=SCHEDULE, tx=tx, lr_fn=train_lib.warmup_lr(lr, warmup), ema_decay=ema,
-      grad_clip=grad_clip, groups_per_device=clip_groups // len(devices) if clip_groups else 0)
+    devices=devices,
+    model=MODEL,
+    schedule=SCHEDULE,
+    tx=tx,
+    lr_fn=train_lib.warmup_lr(lr, warmup),
+    ema_decay=ema,
+    grad_clip=grad_clip,
+    groups_per_device=clip_groups // len(devices) if clip_groups else 0,
+  )
   rstate = data_parallel.replicate(state, devices)
-  batches = input_pipeline.in_memory_batches(input_pipeline.load_digits(8), global_batch=batch, seed=0,
-                                             num_local_devices=len(devices))
+  batches = input_pipeline.in_memory_batches(
+    input_pipeline.load_digits(8), global_batch=batch, seed=0, num_local_devices=len(devices)
+  )
   metrics, states = [], [state]
   for _ in range(steps):
     rstate, m = p_step(rstate, next(batches), jax.random.key(1))
@@ -86,13 +94,15 @@ def test_one_vs_eight_devices(clip_groups):
 def test_step_keeps_replicas_identical_and_donates_the_state():
   devices = jax.local_devices()
   tx = train_lib.make_optimizer(lr=1e-3, warmup_steps=2, grad_clip=1.0)
-  p_step = train_lib.make_p_train_step(devices=devices, model=MODEL, schedule=SCHEDULE, tx=tx,
-                                       lr_fn=train_lib.warmup_lr(1e-3, 2), ema_decay=0.9)
+  p_step = train_lib.make_p_train_step(
+    devices=devices, model=MODEL, schedule=SCHEDULE, tx=tx, lr_fn=train_lib.warmup_lr(1e-3, 2), ema_decay=0.9
+  )
   rstate = data_parallel.replicate(train_lib.create_state(_params(), tx), devices)
   leaf = jax.tree.leaves(rstate.params)[0]
   assert leaf.shape == jax.tree.leaves(_params())[0].shape and leaf.sharding.is_fully_replicated
-  batches = input_pipeline.in_memory_batches(input_pipeline.load_digits(8), global_batch=16, seed=0,
-                                             num_local_devices=len(devices))
+  batches = input_pipeline.in_memory_batches(
+    input_pipeline.load_digits(8), global_batch=16, seed=0, num_local_devices=len(devices)
+  )
   batch = jax.device_put(next(batches), data_parallel.device_sharding(devices))
   for _ in range(2):  # lr is 0 at step 0, so the second step is the one that changes the params.
     new_state, _ = p_step(rstate, batch, jax.random.key(1))
@@ -140,8 +150,16 @@ def _check_workdir(workdir, steps_on_disk, sample_steps):
 def test_end_to_end_tfds_mock(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   workdir = str(tmp_path / 'run')
-  config = _tiny(**{'data.dataset': 'cifar10', 'data.channels': 3, 'data.image_size': 8,
-                    'train.num_steps': 4, 'train.checkpoint_every': 2, 'train.sample_every': 2})
+  config = _tiny(
+    **{
+      'data.dataset': 'cifar10',
+      'data.channels': 3,
+      'data.image_size': 8,
+      'train.num_steps': 4,
+      'train.checkpoint_every': 2,
+      'train.sample_every': 2,
+    }
+  )
   with tfds.testing.mock_data(num_examples=20):
     summary = train_lib.train_and_evaluate(config, workdir)
     assert summary['start_step'] == 0 and summary['final_step'] == 4 and np.isfinite(summary['loss'])
@@ -155,8 +173,15 @@ def test_end_to_end_image_folder(tmp_path):
   for i in range(5):
     Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(folder / f'{i}.png')
   workdir = str(tmp_path / 'run')
-  config = _tiny(**{'data.dataset': 'folder', 'data.folder': str(folder), 'data.channels': 3,
-                    'train.num_steps': 3, 'train.checkpoint_every': 2})
+  config = _tiny(
+    **{
+      'data.dataset': 'folder',
+      'data.folder': str(folder),
+      'data.channels': 3,
+      'train.num_steps': 3,
+      'train.checkpoint_every': 2,
+    }
+  )
   summary = train_lib.train_and_evaluate(config, workdir)
   assert summary['final_step'] == 3
   _check_workdir(workdir, [2, 3], [3])
@@ -168,10 +193,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   def poisoned(images, *, start_step=0, **kw):
     for step, batch in enumerate(real(images, start_step=start_step, **kw), start=start_step):
       yield batch * np.nan if step == 3 else batch
+
   monkeypatch.setattr(input_pipeline, 'in_memory_batches', poisoned)
   workdir = str(tmp_path / 'run')
-  config = _tiny(**{'train.num_steps': 6, 'train.checkpoint_every': 2, 'train.log_every': 2,
-                    'train.num_samples': 0})
+  config = _tiny(**{'train.num_steps': 6, 'train.checkpoint_every': 2, 'train.log_every': 2, 'train.num_samples': 0})
   with pytest.raises(train_lib.NonFiniteLossError, match=r'at step 3 .*step 2\)'):
     train_lib.train_and_evaluate(config, workdir)
   step, tree = _final_params(workdir)
@@ -184,8 +209,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 # ------------------------------------------------------------------------------------------------------------------
 
 KILL_STEPS = 150
-KILL_ARGS = [f'--config.train.num_steps={KILL_STEPS}', '--config.train.checkpoint_every=10',
-             '--config.train.log_every=10', '--config.train.num_samples=0', '--config.train.keep_checkpoints=3']
+KILL_ARGS = [
+  f'--config.train.num_steps={KILL_STEPS}',
+  '--config.train.checkpoint_every=10',
+  '--config.train.log_every=10',
+  '--config.train.num_samples=0',
+  '--config.train.keep_checkpoints=3',
+]
 
 
 _CACHE = {}
@@ -195,15 +225,26 @@ def _env():
   """One CPU device; a compilation cache shared by this test's four runs (they compile the same programs)."""
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)
-  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=ROOT,
-             JAX_COMPILATION_CACHE_DIR=_CACHE['dir'], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env.update(
+    JAX_PLATFORMS='cpu',
+    TF_CPP_MIN_LOG_LEVEL='2',
+    PYTHONPATH=ROOT,
+    JAX_COMPILATION_CACHE_DIR=_CACHE['dir'],
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+  )
   return env
 
 
 def _cmd(workdir):
-  return [sys.executable, os.path.join(ROOT, 'train.py'), '--config', os.path.join(ROOT, 'configs', 'tiny.py'),
-          '--workdir', workdir] + KILL_ARGS
+  return [
+    sys.executable,
+    os.path.join(ROOT, 'train.py'),
+    '--config',
+    os.path.join(ROOT, 'configs', 'tiny.py'),
+    '--workdir',
+    workdir,
+  ] + KILL_ARGS
 
 
 def _steps(workdir):
@@ -238,8 +279,7 @@ def _final_params(workdir):
 def test_sigterm_and_sigkill_then_resume_match_uninterrupted_run(tmp_path):
   _CACHE['dir'] = str(tmp_path / 'compilation_cache')
   reference = str(tmp_path / 'reference')
-  res = subprocess.run(_cmd(reference), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       check=False)
+  res = subprocess.run(_cmd(reference), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
   assert res.returncode == 0, res.stderr[-3000:]
 
   workdir = str(tmp_path / 'interrupted')
@@ -255,8 +295,7 @@ def test_sigterm_and_sigkill_then_resume_match_uninterrupted_run(tmp_path):
   assert killed_at < KILL_STEPS, 'the run finished before it could be killed; raise KILL_STEPS'
   assert f'Resuming from checkpoint step {stopped_at}' in out
 
-  res = subprocess.run(_cmd(workdir), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       check=False)
+  res = subprocess.run(_cmd(workdir), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
   assert res.returncode == 0, res.stderr[-3000:]
   assert 'Resuming from checkpoint step' in res.stderr
 

@@ -11,11 +11,11 @@ from ddpm_jax.models.unet import (
 )
 
 __all__ = [
-  "UNet",
-  "unet_cifar10",
-  "unet_256",
-  "get_timestep_embedding",
-  "count_params",
-  "validate_unet_config",
-  "validate_unet_input",
+  'UNet',
+  'unet_cifar10',
+  'unet_256',
+  'get_timestep_embedding',
+  'count_params',
+  'validate_unet_config',
+  'validate_unet_input',
 ]

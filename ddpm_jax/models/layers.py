@@ -41,8 +41,17 @@ import flax.linen as nn
 
 from ddpm_jax import cpu_tuning
 
-__all__ = ["GroupNorm", "group_norm", "Dense", "dense", "UpsampleConv", "upsample_conv3x3", "attention", "Dropout",
-           "dropout"]
+__all__ = [
+  'GroupNorm',
+  'group_norm',
+  'Dense',
+  'dense',
+  'UpsampleConv',
+  'upsample_conv3x3',
+  'attention',
+  'Dropout',
+  'dropout',
+]
 
 
 def _group_sum(s: jax.Array, groups: int) -> jax.Array:
@@ -157,9 +166,9 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, num_groups: i
     ValueError: if ``x`` is not 4-D or its channels are not divisible by ``num_groups``.
   """
   if x.ndim != 4:
-    raise ValueError(f"group_norm expects NHWC input, got shape {x.shape}.")
+    raise ValueError(f'group_norm expects NHWC input, got shape {x.shape}.')
   if num_groups <= 0 or x.shape[-1] % num_groups:
-    raise ValueError(f"group_norm: {x.shape[-1]} channels are not divisible by num_groups={num_groups}.")
+    raise ValueError(f'group_norm: {x.shape[-1]} channels are not divisible by num_groups={num_groups}.')
   return _group_norm(x, scale, bias, num_groups, float(eps))
 
 
@@ -179,10 +188,15 @@ class GroupNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-    return group_norm(x.astype(jnp.float32), scale.astype(jnp.float32), bias.astype(jnp.float32),
-                      num_groups=self.num_groups, eps=self.epsilon)
+    scale = self.param('scale', nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (c,), self.param_dtype)
+    return group_norm(
+      x.astype(jnp.float32),
+      scale.astype(jnp.float32),
+      bias.astype(jnp.float32),
+      num_groups=self.num_groups,
+      eps=self.epsilon,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -239,8 +253,8 @@ class _KernelBias(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", self.kernel_init, self._kernel_shape(x), self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    kernel = self.param('kernel', self.kernel_init, self._kernel_shape(x), self.param_dtype)
+    bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
     return self._fn(x.astype(self.dtype), kernel, bias.astype(self.dtype))
 
 
@@ -290,8 +304,9 @@ def upsample_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = N
     cols = []
     for c in range(2):
       k = _phase_taps(kr, c, 1).astype(x.dtype)  # [2, 2, I, O]
-      cols.append(jax.lax.conv_general_dilated(xp[:, a:a + h + 1, c:c + w + 1], k, (1, 1), 'VALID',
-                                               dimension_numbers=dn))
+      cols.append(
+        jax.lax.conv_general_dilated(xp[:, a : a + h + 1, c : c + w + 1], k, (1, 1), 'VALID', dimension_numbers=dn)
+      )
     rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2, O]
   y = jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, kernel.shape[-1])  # [B, H, 2, W, 2, O] -> interleaved
   return y if bias is None else y + bias.astype(y.dtype)
@@ -321,8 +336,7 @@ class UpsampleConv(_KernelBias):
 
 def _bmm(a: jax.Array, b: jax.Array, contract_a: int, contract_b: int) -> jax.Array:
   """Batched matrix product over axis 0, contracting ``a``'s axis ``contract_a`` with ``b``'s ``contract_b``."""
-  return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((0,), (0,))),
-                             preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((0,), (0,))), preferred_element_type=jnp.float32)
 
 
 def _softmax_weights(q, k):
@@ -382,7 +396,7 @@ def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
   Kept elements are scaled by ``1 / (1 - that probability)``. ``rate`` is a Python float in [0, 1].
   """
   if not 0.0 <= rate <= 1.0:
-    raise ValueError(f"dropout rate must be in [0, 1], got {rate}.")
+    raise ValueError(f'dropout rate must be in [0, 1], got {rate}.')
   threshold = int(round(rate * _DROPOUT_LEVELS))
   if threshold == 0:
     return x
@@ -410,4 +424,4 @@ class Dropout(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.deterministic or self.rate == 0.0:
       return x
-    return dropout(x, self.rate, self.make_rng("dropout"))
+    return dropout(x, self.rate, self.make_rng('dropout'))

@@ -73,18 +73,18 @@ import numpy as np
 from ddpm_jax.models import layers
 
 __all__ = [
-  "UNet",
-  "unet_cifar10",
-  "unet_256",
-  "get_timestep_embedding",
-  "count_params",
-  "validate_unet_config",
-  "validate_unet_input",
-  "default_init",
-  "ResnetBlock",
-  "AttnBlock",
-  "Downsample",
-  "Upsample",
+  'UNet',
+  'unet_cifar10',
+  'unet_256',
+  'get_timestep_embedding',
+  'count_params',
+  'validate_unet_config',
+  'validate_unet_input',
+  'default_init',
+  'ResnetBlock',
+  'AttnBlock',
+  'Downsample',
+  'Upsample',
 ]
 
 # TF nn.default_init replaces scale 0 by 1e-10 (variance_scaling rejects 0).
@@ -106,7 +106,7 @@ def default_init(scale: float = 1.0):
     A JAX initializer ``(key, shape, dtype) -> array``.
   """
   scale = _ZERO_SCALE if scale == 0 else float(scale)
-  return nn.initializers.variance_scaling(scale, mode="fan_avg", distribution="uniform")
+  return nn.initializers.variance_scaling(scale, mode='fan_avg', distribution='uniform')
 
 
 def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int) -> jax.Array:
@@ -129,13 +129,11 @@ def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int) -> jax.Arra
   """
   if timesteps.ndim != 1:
     raise ValueError(
-      f"timesteps must be a 1-D array [B]; got shape {tuple(timesteps.shape)}. "
-      "Pass one integer step index per example."
+      f'timesteps must be a 1-D array [B]; got shape {tuple(timesteps.shape)}. Pass one integer step index per example.'
     )
   if not isinstance(embedding_dim, (int, np.integer)) or embedding_dim < 4:
     raise ValueError(
-      f"embedding_dim must be an int >= 4 (the frequency formula divides by dim//2 - 1); "
-      f"got {embedding_dim!r}."
+      f'embedding_dim must be an int >= 4 (the frequency formula divides by dim//2 - 1); got {embedding_dim!r}.'
     )
   half = embedding_dim // 2
   # float32 throughout, as TF (tf.range(..., dtype=tf.float32)).
@@ -185,58 +183,50 @@ def validate_unet_config(
   ``ValueError``).
   """
   if not _is_int(ch) or ch < 1:
-    raise ValueError(f"ch must be a positive int; got {ch!r}.")
+    raise ValueError(f'ch must be a positive int; got {ch!r}.')
   if not _is_int(out_ch) or out_ch < 1:
-    raise ValueError(f"out_ch must be a positive int (3, or 6 for learned variance); got {out_ch!r}.")
+    raise ValueError(f'out_ch must be a positive int (3, or 6 for learned variance); got {out_ch!r}.')
   if isinstance(ch_mult, (str, bytes)) or not isinstance(ch_mult, Sequence) or len(ch_mult) == 0:
-    raise ValueError(
-      f"ch_mult must be a non-empty sequence of positive ints, e.g. (1, 2, 2, 2); got {ch_mult!r}."
-    )
+    raise ValueError(f'ch_mult must be a non-empty sequence of positive ints, e.g. (1, 2, 2, 2); got {ch_mult!r}.')
   if not all(_is_int(m) and m >= 1 for m in ch_mult):
-    raise ValueError(f"ch_mult entries must be positive ints; got ch_mult={tuple(ch_mult)!r}.")
+    raise ValueError(f'ch_mult entries must be positive ints; got ch_mult={tuple(ch_mult)!r}.')
   if not _is_int(num_res_blocks) or num_res_blocks < 1:
-    raise ValueError(f"num_res_blocks must be an int >= 1; got {num_res_blocks!r}.")
+    raise ValueError(f'num_res_blocks must be an int >= 1; got {num_res_blocks!r}.')
   if isinstance(attn_resolutions, (str, bytes)) or not isinstance(attn_resolutions, Sequence):
     raise ValueError(
-      f"attn_resolutions must be a sequence of ints (may be empty), e.g. (16,); got {attn_resolutions!r}."
+      f'attn_resolutions must be a sequence of ints (may be empty), e.g. (16,); got {attn_resolutions!r}.'
     )
   if not all(_is_int(r) and r >= 1 for r in attn_resolutions):
     raise ValueError(
-      f"attn_resolutions entries must be positive ints (feature-map heights); got {tuple(attn_resolutions)!r}."
+      f'attn_resolutions entries must be positive ints (feature-map heights); got {tuple(attn_resolutions)!r}.'
     )
   if (
-    isinstance(dropout, bool)
-    or not isinstance(dropout, (int, float, np.floating))
-    or not (0.0 <= float(dropout) < 1.0)
+    isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.floating)) or not (0.0 <= float(dropout) < 1.0)
   ):
-    raise ValueError(
-      f"dropout must be a float in [0, 1); got {dropout!r} (use 0.1 for CIFAR-10, 0.0 otherwise)."
-    )
+    raise ValueError(f'dropout must be a float in [0, 1); got {dropout!r} (use 0.1 for CIFAR-10, 0.0 otherwise).')
   if not isinstance(resamp_with_conv, (bool, np.bool_)):
-    raise ValueError(f"resamp_with_conv must be a bool; got {resamp_with_conv!r}.")
+    raise ValueError(f'resamp_with_conv must be a bool; got {resamp_with_conv!r}.')
   if not isinstance(remat, (bool, np.bool_)):
-    raise ValueError(f"remat must be a bool; got {remat!r}.")
+    raise ValueError(f'remat must be a bool; got {remat!r}.')
   if not _is_int(num_classes) or num_classes < 0:
-    raise ValueError(
-      f"num_classes must be an int >= 0 (0 = unconditional, the paper's models); got {num_classes!r}."
-    )
+    raise ValueError(f"num_classes must be an int >= 0 (0 = unconditional, the paper's models); got {num_classes!r}.")
   if not _is_int(num_groups) or num_groups < 1:
-    raise ValueError(f"num_groups must be a positive int (32 in the original); got {num_groups!r}.")
+    raise ValueError(f'num_groups must be a positive int (32 in the original); got {num_groups!r}.')
   if ch < 4:
-    raise ValueError(f"ch must be >= 4 (it is also the timestep-embedding width); got ch={ch}.")
-  for name, c in [("ch", ch)] + [(f"ch*ch_mult[{i}]", ch * m) for i, m in enumerate(ch_mult)]:
+    raise ValueError(f'ch must be >= 4 (it is also the timestep-embedding width); got ch={ch}.')
+  for name, c in [('ch', ch)] + [(f'ch*ch_mult[{i}]', ch * m) for i, m in enumerate(ch_mult)]:
     if c % num_groups != 0:
       raise ValueError(
-        f"GroupNorm needs channel counts divisible by num_groups={num_groups}, but {name} = {c}. "
-        f"Choose ch (and ch_mult) so that every ch*m is a multiple of num_groups, or lower num_groups."
+        f'GroupNorm needs channel counts divisible by num_groups={num_groups}, but {name} = {c}. '
+        f'Choose ch (and ch_mult) so that every ch*m is a multiple of num_groups, or lower num_groups.'
       )
-  for name, dt in (("dtype", dtype), ("param_dtype", param_dtype)):
+  for name, dt in (('dtype', dtype), ('param_dtype', param_dtype)):
     try:
       ok = jnp.issubdtype(jnp.dtype(dt), jnp.floating)
     except TypeError:
       ok = False
     if not ok:
-      raise ValueError(f"{name} must be a floating dtype (float32 or bfloat16); got {dt!r}.")
+      raise ValueError(f'{name} must be a floating dtype (float32 or bfloat16); got {dt!r}.')
 
 
 def validate_unet_input(
@@ -262,25 +252,25 @@ def validate_unet_input(
   x_shape = tuple(int(d) for d in x_shape)
   if len(x_shape) != 4:
     raise ValueError(
-      f"x must be a 4-D NHWC batch [B, H, W, C]; got shape {x_shape}. Add a batch axis / put channels last."
+      f'x must be a 4-D NHWC batch [B, H, W, C]; got shape {x_shape}. Add a batch axis / put channels last.'
     )
   b, h, w, c = x_shape
   if b < 1 or c < 1:
-    raise ValueError(f"x must have a non-empty batch and channel axis; got shape {x_shape}.")
+    raise ValueError(f'x must have a non-empty batch and channel axis; got shape {x_shape}.')
   factor = 2 ** (len(ch_mult) - 1)
-  for name, size in (("height", h), ("width", w)):
+  for name, size in (('height', h), ('width', w)):
     if size < factor or size % factor != 0:
       raise ValueError(
-        f"image {name} {size} (x shape {x_shape}) must be a positive multiple of "
-        f"2**(len(ch_mult)-1) = {factor} for ch_mult={tuple(ch_mult)}; resize/crop the "
-        f"images or use fewer levels."
+        f'image {name} {size} (x shape {x_shape}) must be a positive multiple of '
+        f'2**(len(ch_mult)-1) = {factor} for ch_mult={tuple(ch_mult)}; resize/crop the '
+        f'images or use fewer levels.'
       )
   if t_shape is not None:
     t_shape = tuple(int(d) for d in t_shape)
     if t_shape != (b,):
       raise ValueError(
         f"t must have shape [B] = ({b},) matching x's batch; got t shape {t_shape}. "
-        "Pass one integer timestep index per image."
+        'Pass one integer timestep index per image.'
       )
 
 
@@ -306,7 +296,7 @@ def _conv3x3(features: int, dtype, param_dtype, name: str, strides: int = 1, ini
     features,
     kernel_size=(3, 3),
     strides=(strides, strides),
-    padding="SAME",
+    padding='SAME',
     kernel_init=default_init(init_scale),
     bias_init=nn.initializers.zeros,
     dtype=dtype,
@@ -348,16 +338,16 @@ class ResnetBlock(nn.Module):
 
     ``train`` may be passed by position: the rematerialized block marks it static.
     """
-    h = nn.swish(_group_norm(x, self.num_groups, self.param_dtype, "norm1", self.dtype))
-    h = _conv3x3(self.out_ch, self.dtype, self.param_dtype, "conv1")(h)
+    h = nn.swish(_group_norm(x, self.num_groups, self.param_dtype, 'norm1', self.dtype))
+    h = _conv3x3(self.out_ch, self.dtype, self.param_dtype, 'conv1')(h)
     # Timestep conditioning is added after conv1 and before norm2 (TF order).
-    h = h + _nin(self.out_ch, self.dtype, self.param_dtype, "temb_proj")(nn.swish(temb))[:, None, None, :]
-    h = nn.swish(_group_norm(h, self.num_groups, self.param_dtype, "norm2", self.dtype))
+    h = h + _nin(self.out_ch, self.dtype, self.param_dtype, 'temb_proj')(nn.swish(temb))[:, None, None, :]
+    h = nn.swish(_group_norm(h, self.num_groups, self.param_dtype, 'norm2', self.dtype))
     if train and self.dropout > 0.0:
       h = layers.Dropout(rate=self.dropout)(h)  # 16-bit masks: rate 0.1 -> 0.100006 (README)
-    h = _conv3x3(self.out_ch, self.dtype, self.param_dtype, "conv2", init_scale=0.0)(h)
+    h = _conv3x3(self.out_ch, self.dtype, self.param_dtype, 'conv2', init_scale=0.0)(h)
     if x.shape[-1] != self.out_ch:
-      x = _nin(self.out_ch, self.dtype, self.param_dtype, "nin_shortcut")(x)
+      x = _nin(self.out_ch, self.dtype, self.param_dtype, 'nin_shortcut')(x)
     return x.astype(self.dtype) + h
 
 
@@ -372,14 +362,14 @@ class AttnBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x ``[B,H,W,C]``. Returns ``x + proj_out(attn(GN(x)))``, same shape."""
     B, H, W, C = x.shape
-    h = _group_norm(x, self.num_groups, self.param_dtype, "norm", self.dtype)
-    q = _nin(C, self.dtype, self.param_dtype, "q")(h)
-    k = _nin(C, self.dtype, self.param_dtype, "k")(h)
-    v = _nin(C, self.dtype, self.param_dtype, "v")(h)
+    h = _group_norm(x, self.num_groups, self.param_dtype, 'norm', self.dtype)
+    q = _nin(C, self.dtype, self.param_dtype, 'q')(h)
+    k = _nin(C, self.dtype, self.param_dtype, 'k')(h)
+    v = _nin(C, self.dtype, self.param_dtype, 'v')(h)
     # Logits and softmax in float32 (bf16 softmax over H*W keys is too coarse).
     flat = lambda a: a.reshape(B, H * W, C)
     h = layers.attention(flat(q), flat(k), flat(v)).reshape(B, H, W, C)
-    h = _nin(C, self.dtype, self.param_dtype, "proj_out", init_scale=0.0)(h)
+    h = _nin(C, self.dtype, self.param_dtype, 'proj_out', init_scale=0.0)(h)
     return x.astype(self.dtype) + h
 
 
@@ -395,8 +385,8 @@ class Downsample(nn.Module):
     """Args: x ``[B,H,W,C]`` with even H, W. Returns ``[B,H/2,W/2,C]``."""
     C = x.shape[-1]
     if self.with_conv:
-      return _conv3x3(C, self.dtype, self.param_dtype, "conv", strides=2)(x)
-    return nn.avg_pool(x.astype(self.dtype), (2, 2), strides=(2, 2), padding="VALID")
+      return _conv3x3(C, self.dtype, self.param_dtype, 'conv', strides=2)(x)
+    return nn.avg_pool(x.astype(self.dtype), (2, 2), strides=(2, 2), padding='VALID')
 
 
 class Upsample(nn.Module):
@@ -416,8 +406,14 @@ class Upsample(nn.Module):
     """Args: x ``[B,H,W,C]``. Returns ``[B,2H,2W,C]``."""
     if self.with_conv:
       # = Conv3x3(repeat(x)) with the same parameters, computed as four 2x2 convs on x (2.25x fewer FLOPs).
-      return layers.UpsampleConv(x.shape[-1], kernel_init=default_init(1.0), bias_init=nn.initializers.zeros,
-                                 dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+      return layers.UpsampleConv(
+        x.shape[-1],
+        kernel_init=default_init(1.0),
+        bias_init=nn.initializers.zeros,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='conv',
+      )(x)
     return jnp.repeat(jnp.repeat(x.astype(self.dtype), 2, axis=1), 2, axis=2)
 
 
@@ -444,8 +440,8 @@ class _TimestepMLP(nn.Module):
   @nn.compact
   def __call__(self, t: jax.Array) -> jax.Array:
     emb = get_timestep_embedding(t, self.ch)
-    emb = _nin(4 * self.ch, self.dtype, self.param_dtype, "dense0")(emb)
-    emb = _nin(4 * self.ch, self.dtype, self.param_dtype, "dense1")(nn.swish(emb))
+    emb = _nin(4 * self.ch, self.dtype, self.param_dtype, 'dense0')(emb)
+    emb = _nin(4 * self.ch, self.dtype, self.param_dtype, 'dense1')(nn.swish(emb))
     return emb  # no activation after dense1 (each block applies swish itself)
 
 
@@ -469,14 +465,14 @@ class _DownLevel(nn.Module):
     res_cls, attn_cls = _blocks(self.remat)
     outs = []
     for j in range(self.num_res_blocks):
-      h = res_cls(
-        self.out_ch, self.dropout, self.num_groups, self.dtype, self.param_dtype, name=f"block_{j}"
-      )(h, temb, train)
+      h = res_cls(self.out_ch, self.dropout, self.num_groups, self.dtype, self.param_dtype, name=f'block_{j}')(
+        h, temb, train
+      )
       if h.shape[1] in self.attn_resolutions:  # TF tests the height only
-        h = attn_cls(self.num_groups, self.dtype, self.param_dtype, name=f"attn_{j}")(h)
+        h = attn_cls(self.num_groups, self.dtype, self.param_dtype, name=f'attn_{j}')(h)
       outs.append(h)
     if not self.is_last:
-      outs.append(Downsample(self.resamp_with_conv, self.dtype, self.param_dtype, name="downsample")(h))
+      outs.append(Downsample(self.resamp_with_conv, self.dtype, self.param_dtype, name='downsample')(h))
     return outs
 
 
@@ -493,13 +489,9 @@ class _MidLevel(nn.Module):
   def __call__(self, h: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
     C = h.shape[-1]
     res_cls, attn_cls = _blocks(self.remat)
-    h = res_cls(C, self.dropout, self.num_groups, self.dtype, self.param_dtype, name="block_1")(
-      h, temb, train
-    )
-    h = attn_cls(self.num_groups, self.dtype, self.param_dtype, name="attn_1")(h)
-    h = res_cls(C, self.dropout, self.num_groups, self.dtype, self.param_dtype, name="block_2")(
-      h, temb, train
-    )
+    h = res_cls(C, self.dropout, self.num_groups, self.dtype, self.param_dtype, name='block_1')(h, temb, train)
+    h = attn_cls(self.num_groups, self.dtype, self.param_dtype, name='attn_1')(h)
+    h = res_cls(C, self.dropout, self.num_groups, self.dtype, self.param_dtype, name='block_2')(h, temb, train)
     return h
 
 
@@ -524,13 +516,13 @@ class _UpLevel(nn.Module):
     res_cls, attn_cls = _blocks(self.remat)
     for j, skip in enumerate(skips):
       h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
-      h = res_cls(
-        self.out_ch, self.dropout, self.num_groups, self.dtype, self.param_dtype, name=f"block_{j}"
-      )(h, temb, train)
+      h = res_cls(self.out_ch, self.dropout, self.num_groups, self.dtype, self.param_dtype, name=f'block_{j}')(
+        h, temb, train
+      )
       if h.shape[1] in self.attn_resolutions:
-        h = attn_cls(self.num_groups, self.dtype, self.param_dtype, name=f"attn_{j}")(h)
+        h = attn_cls(self.num_groups, self.dtype, self.param_dtype, name=f'attn_{j}')(h)
     if not self.is_first:
-      h = Upsample(self.resamp_with_conv, self.dtype, self.param_dtype, name="upsample")(h)
+      h = Upsample(self.resamp_with_conv, self.dtype, self.param_dtype, name='upsample')(h)
     return h
 
 
@@ -605,7 +597,7 @@ class UNet(nn.Module):
   def null_label(self) -> int:
     """The label of the null class (``num_classes``), for classifier-free guidance."""
     if not self.num_classes:
-      raise ValueError("An unconditional UNet (num_classes=0) has no class labels.")
+      raise ValueError('An unconditional UNet (num_classes=0) has no class labels.')
     return int(self.num_classes)
 
   @nn.compact
@@ -627,26 +619,26 @@ class UNet(nn.Module):
     self.check_input_shape(x.shape, t.shape)  # Python-level, at trace time
     if self.num_classes and y is None:
       raise ValueError(
-        f"This UNet is class-conditional (num_classes={self.num_classes}): pass labels y [B] "
-        f"(use {self.num_classes}, the null class, for an unconditional prediction)."
+        f'This UNet is class-conditional (num_classes={self.num_classes}): pass labels y [B] '
+        f'(use {self.num_classes}, the null class, for an unconditional prediction).'
       )
     if not self.num_classes and y is not None:
-      raise ValueError("This UNet is unconditional (num_classes=0): y must be None.")
+      raise ValueError('This UNet is unconditional (num_classes=0): y must be None.')
     if y is not None and tuple(jnp.shape(y)) != (x.shape[0],):
-      raise ValueError(f"y must have shape [B] = ({x.shape[0]},); got {tuple(jnp.shape(y))}.")
+      raise ValueError(f'y must have shape [B] = ({x.shape[0]},); got {tuple(jnp.shape(y))}.')
     attn_res = tuple(self.attn_resolutions)
     num_levels = len(self.ch_mult)
     # Accept dtype names from configs ('bfloat16') as well as dtype objects.
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     common = dict(num_groups=self.num_groups, dtype=dtype, param_dtype=param_dtype, remat=bool(self.remat))
 
-    temb = _TimestepMLP(self.ch, dtype, param_dtype, name="temb")(t)
+    temb = _TimestepMLP(self.ch, dtype, param_dtype, name='temb')(t)
     if self.num_classes:
-      temb = temb + nn.Embed(
-        self.num_classes + 1, 4 * self.ch, dtype=dtype, param_dtype=param_dtype, name="label_emb"
-      )(jnp.asarray(y, jnp.int32))
+      temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, dtype=dtype, param_dtype=param_dtype, name='label_emb')(
+        jnp.asarray(y, jnp.int32)
+      )
 
-    hs = [_conv3x3(self.ch, dtype, param_dtype, "conv_in")(x)]
+    hs = [_conv3x3(self.ch, dtype, param_dtype, 'conv_in')(x)]
     for i in range(num_levels):
       hs += _DownLevel(
         out_ch=self.ch * self.ch_mult[i],
@@ -655,11 +647,11 @@ class UNet(nn.Module):
         dropout=self.dropout,
         resamp_with_conv=self.resamp_with_conv,
         is_last=(i == num_levels - 1),
-        name=f"down_{i}",
+        name=f'down_{i}',
         **common,
       )(hs[-1], temb, train=train)
 
-    h = _MidLevel(dropout=self.dropout, name="mid", **common)(hs[-1], temb, train=train)
+    h = _MidLevel(dropout=self.dropout, name='mid', **common)(hs[-1], temb, train=train)
 
     for i in reversed(range(num_levels)):
       skips = [hs.pop() for _ in range(self.num_res_blocks + 1)]
@@ -670,38 +662,38 @@ class UNet(nn.Module):
         dropout=self.dropout,
         resamp_with_conv=self.resamp_with_conv,
         is_first=(i == 0),
-        name=f"up_{i}",
+        name=f'up_{i}',
         **common,
       )(h, skips, temb, train=train)
-    assert not hs, f"{len(hs)} skip tensors left unused"
+    assert not hs, f'{len(hs)} skip tensors left unused'
 
-    h = nn.swish(_group_norm(h, self.num_groups, param_dtype, "norm_out", dtype))
-    h = _conv3x3(self.out_ch, dtype, param_dtype, "conv_out", init_scale=0.0)(h)
+    h = nn.swish(_group_norm(h, self.num_groups, param_dtype, 'norm_out', dtype))
+    h = _conv3x3(self.out_ch, dtype, param_dtype, 'conv_out', init_scale=0.0)(h)
     return h.astype(jnp.float32)
 
 
 _UNET_FIELDS = (
-  "ch",
-  "out_ch",
-  "ch_mult",
-  "num_res_blocks",
-  "attn_resolutions",
-  "dropout",
-  "resamp_with_conv",
-  "num_groups",
-  "dtype",
-  "param_dtype",
-  "remat",
-  "num_classes",
+  'ch',
+  'out_ch',
+  'ch_mult',
+  'num_res_blocks',
+  'attn_resolutions',
+  'dropout',
+  'resamp_with_conv',
+  'num_groups',
+  'dtype',
+  'param_dtype',
+  'remat',
+  'num_classes',
 )
 
 
 def _make(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> UNet:
   unknown = sorted(set(overrides) - set(_UNET_FIELDS))
   if unknown:
-    raise ValueError(f"unknown UNet field(s) {unknown}; valid fields are {list(_UNET_FIELDS)}.")
+    raise ValueError(f'unknown UNet field(s) {unknown}; valid fields are {list(_UNET_FIELDS)}.')
   fields = {**defaults, **overrides}
-  for key in ("ch_mult", "attn_resolutions"):  # hashable, comparable tuples
+  for key in ('ch_mult', 'attn_resolutions'):  # hashable, comparable tuples
     if isinstance(fields[key], list):
       fields[key] = tuple(fields[key])
   return UNet(**fields)
