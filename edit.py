@@ -19,7 +19,7 @@ import json
 
 from absl import app, flags
 
-from ddpm_jax import cpu_tuning, editing, sample_lib
+from ddpm_jax import cpu_tuning, editing, loading
 
 _MODE = flags.DEFINE_enum('mode', None, editing.MODES, 'inpaint (RePaint) or sdedit.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (its EMA parameters).')
@@ -57,7 +57,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cpu_tuning.tune_cpu('inference')  # faster XLA:CPU kernels for sampling; no effect on GPU/TPU
-  loaded = sample_lib.load_model(workdir=_WORKDIR.value, pretrained=_PRETRAINED.value, step=_STEP.value)
+  loaded = loading.load_model(workdir=_WORKDIR.value, pretrained=_PRETRAINED.value, step=_STEP.value)
   images, source = editing.load_images(
     image=_IMAGE.value,
     dataset=_DATASET.value,

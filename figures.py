@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from ddpm_jax import cpu_tuning, figures, input_pipeline, sample_lib
+from ddpm_jax import cpu_tuning, figures, input_pipeline, loading
 
 _FIGURE = flags.DEFINE_enum('figure', None, figures.FIGURES, 'Which figure.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (EMA parameters).')
@@ -38,7 +38,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cpu_tuning.tune_cpu('inference')  # faster XLA:CPU kernels for sampling; no effect on GPU/TPU
-  loaded = sample_lib.load_model(workdir=_WORKDIR.value, pretrained=_PRETRAINED.value, step=_STEP.value)
+  loaded = loading.load_model(workdir=_WORKDIR.value, pretrained=_PRETRAINED.value, step=_STEP.value)
   if _FIGURE.value != 'progressive':
     images = next(
       input_pipeline.eval_images(

@@ -5,8 +5,8 @@ For the paper's CIFAR-10 U-Net (35,746,307 parameters) this measures, in one pro
 * training: images/s for one full update (forward + MSE to the noise + backward + clip + Adam + EMA) at
   ``--batch``. JAX runs the project's own step (`train_lib.make_p_train_step`, state donated) on one device;
   with ``--steps_per_call k`` it runs k such steps per compiled call (`make_multi_step`, a `lax.scan`).
-  The peer is diffusers' `UNet2DModel` with the same architecture and weights (`pretrained.diffusers_config` /
-  `to_diffusers_state_dict`), train mode (dropout 0.1), torch Adam(2e-4), global-norm clipping at 1 and an
+  The peer is diffusers' `UNet2DModel` with the same architecture and weights (`formats.diffusers.unet_config` /
+  `to_state_dict`), train mode (dropout 0.1), torch Adam(2e-4), global-norm clipping at 1 and an
   EMA lerp under `torch.no_grad`.
 * sampling: image-steps/s of the ancestral sampler (fixedlarge variance, clipped x0) at ``--batch``.
   ``--sample_steps n`` reverse steps are timed and the seconds for 256 images x 1000 steps are extrapolated
@@ -61,10 +61,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ddpm_jax import cpu_tuning as cpu_tuning_lib
 from ddpm_jax import data_parallel
-from ddpm_jax import pretrained
 from ddpm_jax import sampling
 from ddpm_jax import schedule as schedule_lib
 from ddpm_jax import train_lib
+from ddpm_jax.formats import diffusers as diffusers_format
 from ddpm_jax.models import unet as unet_lib
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -320,10 +320,10 @@ def _torch_model(model, params):
   import torch
   from diffusers import UNet2DModel
 
-  config = pretrained.diffusers_config(model, IMAGE_SHAPE[0])
+  config = diffusers_format.unet_config(model, IMAGE_SHAPE[0])
   config = {k: v for k, v in config.items() if not k.startswith('_')}
   net = UNet2DModel(**config)
-  state_dict = {k: torch.from_numpy(np.array(v)) for k, v in pretrained.to_diffusers_state_dict(params).items()}
+  state_dict = {k: torch.from_numpy(np.array(v)) for k, v in diffusers_format.to_state_dict(params).items()}
   net.load_state_dict(state_dict, strict=True)
   return net
 

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ddpm_jax import editing, evaluation, input_pipeline, sample_lib  # pylint: disable=wrong-import-position
+from ddpm_jax import editing, evaluation, input_pipeline, loading  # pylint: disable=wrong-import-position
 
 
 def held_out_digits(num_images: int, seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +47,7 @@ def main(argv=None) -> list[dict]:
   p.add_argument('--out', required=True, help="folder for each setting's results (grids, npz)")
   a = p.parse_args(argv)
 
-  loaded = sample_lib.load_model(workdir=a.workdir)
+  loaded = loading.load_model(workdir=a.workdir)
   if (loaded.image_size, loaded.in_channels) != (8, 1):
     raise SystemExit(f'{a.workdir} is not a digits model (8x8 grey); train one with `python train.py`.')
   clf, clf_acc = evaluation.digits_classifier()

@@ -5,6 +5,7 @@ Modules (import what you need; importing the package itself loads nothing heavy)
   * ``ddpm_jax.diffusion``: forward process, posterior, parameterizations, losses, variational bound.
   * ``ddpm_jax.sampling``: samplers as one ``lax.scan`` over the reverse steps.
   * ``ddpm_jax.models``: the paper's Flax U-Net.
+  * ``ddpm_jax.loading``: a training run or a released model as one ``LoadedModel`` to sample from.
 """
 
 __version__ = '0.1.0'

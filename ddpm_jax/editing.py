@@ -372,14 +372,14 @@ def run(
     mask, jump_length, jump_n_sample, t_start, num_samples, class_label, guidance_scale: see :class:`EditSpec`.
     seed: PRNG seed.
     source_name: where the images came from, recorded in ``edit.json``.
-    loaded: an already loaded model (a ``Pretrained``) instead of ``workdir``/``pretrained``.
+    loaded: an already loaded model (a ``loading.LoadedModel``) instead of ``workdir``/``pretrained``.
 
   Returns:
     A summary dict: ``out_dir``, ``grid``, ``num_images``, ``num_samples``, ``network_calls_per_result`` and,
     for inpainting, ``known_pixels_max_abs_error`` (0 unless something is wrong).
   """
   # pylint: disable-next=g-import-not-at-top
-  from ddpm_jax import image_grid, input_pipeline, pretrained as pretrained_lib, sample_lib
+  from ddpm_jax import image_grid, input_pipeline, loading
 
   if not out_dir:
     raise ValueError('--out is required: the folder to write the results into.')
@@ -387,7 +387,7 @@ def run(
   if images.ndim != 4 or images.dtype != np.uint8 or not len(images):
     raise ValueError(f'images must be uint8 [N, S, S, C] with N >= 1, got {images.dtype} {images.shape}.')
   if loaded is None:
-    loaded = sample_lib.load_model(workdir=workdir, pretrained=pretrained, step=step)
+    loaded = loading.load_model(workdir=workdir, pretrained=pretrained, step=step)
   big_t = loaded.schedule.num_timesteps
   spec = EditSpec(
     mode=mode,
@@ -402,7 +402,7 @@ def run(
   spec.validate(big_t)
   k = getattr(loaded.model, 'num_classes', 0)
   label = class_label if class_label is not None or not k else loaded.model.null_label()
-  pretrained_lib.check_conditioning(loaded.model, label, guidance_scale)
+  loading.check_conditioning(loaded.model, label, guidance_scale)
   want = (loaded.image_size, loaded.image_size, loaded.in_channels)
   if images.shape[1:] != want:
     raise ValueError(

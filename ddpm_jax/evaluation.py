@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ddpm_jax import data_parallel
 from ddpm_jax import inception as inception_lib
 from ddpm_jax import input_pipeline
+from ddpm_jax import loading
 
 
 class Features(NamedTuple):
@@ -620,9 +621,7 @@ def run_bpd(
   Returns:
     {'bpd', 'num_images', 'prior_bpd', 'decoder_bpd', 'terms_bpd' (list of T), 'mse' (list of T), 'source'}.
   """
-  from ddpm_jax import sample_lib  # pylint: disable=g-import-not-at-top
-
-  loaded = sample_lib.load_model(workdir=workdir, pretrained=pretrained, step=step)
+  loaded = loading.load_model(workdir=workdir, pretrained=pretrained, step=step)
   batches = input_pipeline.eval_images(
     dataset,
     split=split,
@@ -727,7 +726,7 @@ def run_class_accuracy(
     raise ValueError(f'guidance_scales must be a non-empty list of numbers >= 0, got {scales}.')
   if num_samples < 1 or batch_size < 1:
     raise ValueError(f'num_samples and batch_size must be positive, got {num_samples} and {batch_size}.')
-  loaded = sample_lib.load_model(workdir=workdir, step=step)
+  loaded = loading.load_model(workdir=workdir, step=step)
   if not getattr(loaded.model, 'num_classes', 0):
     raise ValueError(
       f'{workdir!r} holds an unconditional model (model.num_classes=0); class accuracy needs a '

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ddpm_jax import data_parallel, diffusion, sampling
+from ddpm_jax import data_parallel, diffusion, loading, sampling
 from ddpm_jax import schedule as sched_lib
 from ddpm_jax.input_pipeline import to_uint8
 
@@ -338,77 +338,6 @@ def sample_to_dir(
   )
 
 
-def load_workdir(workdir: str, step: int | None = None):
-  """The EMA parameters and settings of a training run, as a :class:`ddpm_jax.pretrained.Pretrained`.
-
-  Args:
-    workdir: a ``train.py`` workdir (holds ``config.json`` and ``checkpoints/``).
-    step: checkpoint step (default: the newest readable one).
-
-  Returns:
-    A ``Pretrained`` whose ``params`` are the run's EMA parameters.
-  """
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import pretrained as pretrained_lib  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import train_lib  # pylint: disable=g-import-not-at-top
-
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f'{config_path!r} not found: --workdir must be a train.py workdir.')
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  model = train_lib.build_model(config)
-  target = train_lib.abstract_state(config, model)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=None)
-  try:
-    if step is None:
-      state, step = ckpt.restore_latest(target)
-      if state is None:
-        raise FileNotFoundError(f'No readable checkpoint in {ckpt.directory!r}.')
-    else:
-      if step not in ckpt.all_steps():
-        raise FileNotFoundError(f'No checkpoint step {step} in {ckpt.directory!r}; there are {ckpt.all_steps()}.')
-      state = ckpt.restore(step, target)
-  finally:
-    ckpt.close()
-  d, df = config.data, config.diffusion
-  return pretrained_lib.Pretrained(
-    model=model,
-    params=state.ema_params,
-    schedule=train_lib.build_schedule(config),
-    # A learned variance is part of the network; otherwise sampling uses the config's sample.var_type.
-    var_type='learned' if df.var_type == 'learned' else config.sample.var_type,
-    clip_denoised=config.sample.clip_denoised,
-    mean_type=df.mean_type,
-    image_size=d.image_size,
-    in_channels=d.channels,
-    source=f'{workdir} step {step} (EMA parameters)',
-  )
-
-
-def load_model(*, workdir: str | None = None, pretrained: str | None = None, step: int | None = None):
-  """A model to sample from or evaluate: a training run's EMA weights or a released model.
-
-  Args:
-    workdir: a ``train.py`` workdir (exclusive with ``pretrained``).
-    pretrained: a diffusers folder or hub id, or a TF checkpoint prefix (see ``ddpm_jax.pretrained``).
-    step: checkpoint step of ``workdir`` (default: the newest readable one).
-
-  Returns:
-    A :class:`ddpm_jax.pretrained.Pretrained`.
-  """
-  if (workdir is None) == (pretrained is None):
-    raise ValueError('Pass exactly one of --workdir (a training run) and --pretrained (a released model).')
-  if workdir is not None:
-    return load_workdir(workdir, step)
-  if step is not None:
-    raise ValueError('--step applies to --workdir checkpoints only.')
-  from ddpm_jax import pretrained as pretrained_lib  # pylint: disable=g-import-not-at-top
-
-  return pretrained_lib.load_pretrained(pretrained)
-
-
 def run(
   *,
   workdir: str | None,
@@ -440,14 +369,10 @@ def run(
     raise ValueError(f'--num_samples and --batch_size must be positive, got {num_samples} and {batch_size}.')
   if sampler not in SAMPLERS:
     raise ValueError(f'Unknown sampler {sampler!r}; choose one of {SAMPLERS}.')
-  loaded = load_model(workdir=workdir, pretrained=pretrained, step=step)
-  from ddpm_jax import pretrained as pretrained_lib  # pylint: disable=g-import-not-at-top
-
+  loaded = loading.load_model(workdir=workdir, pretrained=pretrained, step=step)
   k = getattr(loaded.model, 'num_classes', 0)
   # A conditional model without --class_label cycles through the classes (image i gets class i mod K).
-  pretrained_lib.check_conditioning(
-    loaded.model, class_label if class_label is not None or not k else 0, guidance_scale
-  )
+  loading.check_conditioning(loaded.model, class_label if class_label is not None or not k else 0, guidance_scale)
   # The model's own settings unless overridden; validated before anything compiles.
   spec = SamplerSpec(
     name=sampler,

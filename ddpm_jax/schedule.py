@@ -211,6 +211,31 @@ def get_schedule(
   return make_schedule(get_beta_schedule(name, beta_start=beta_start, beta_end=beta_end, num_timesteps=num_timesteps))
 
 
+def find_beta_schedule(schedule: Schedule) -> dict | None:
+  """The :func:`get_schedule` arguments that give exactly ``schedule``'s tables, or None if no named one does.
+
+  What the exporters write, so that a re-imported schedule is bit-for-bit the same (explicit float32 betas
+  would lose the float64 precision the tables were computed with). ``beta_start``/``beta_end`` are taken as
+  the shortest decimals that round to the first and last float32 beta (1e-4, not 9.99999974e-05).
+
+  Returns:
+    ``{'name', 'beta_start', 'beta_end', 'num_timesteps'}`` or None.
+  """
+  betas = np.asarray(schedule.betas)
+  start, end = float(str(np.float32(betas[0]))), float(str(np.float32(betas[-1])))
+  for name in BETA_SCHEDULES:
+    kwargs = dict(name=name, beta_start=start, beta_end=end, num_timesteps=int(betas.shape[0]))
+    try:
+      candidate = get_beta_schedule(**kwargs)
+    except ValueError:  # e.g. beta_start > beta_end: not this name
+      continue
+    if not np.array_equal(candidate.astype(np.float32), betas):
+      continue
+    if all(np.array_equal(a, b) for a, b in zip(make_schedule(candidate), schedule)):
+      return kwargs
+  return None
+
+
 def space_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
   """Evenly strided subset of ``num_steps`` timesteps out of ``0 .. num_timesteps-1``, always keeping 0.
 

@@ -1,6 +1,7 @@
 """Class conditioning and classifier-free guidance: the U-Net's label embedding, the guided eps, label dropout in
 the train step, labelled input, conditional sampling to a folder, and the config checks."""
 
+import dataclasses
 import os
 import sys
 
@@ -19,11 +20,12 @@ from configs import tiny  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from ddpm_jax import data_parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import image_grid  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddpm_jax import pretrained  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax import loading  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import sample_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import schedule as schedule_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import train_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax.formats import diffusers as diffusers_format  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax.models import UNet, count_params, unet_cifar10  # pylint: disable=g-import-not-at-top
 
 ARCH = dict(ch=16, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_groups=4, out_ch=1)
@@ -121,9 +123,9 @@ def test_guided_eps_equals_the_formula_in_one_batched_call():
     sampling.classifier_free_guidance(model_fn, y, null_label=K, guidance_scale=-1.0)
 
 
-def test_pretrained_denoise_fn_checks_conditioning(cond):
+def test_loaded_model_denoise_fn_checks_conditioning(cond):
   model, params = cond
-  loaded = pretrained.Pretrained(
+  loaded = loading.LoadedModel(
     model=model,
     params=params,
     schedule=SCHED,
@@ -143,13 +145,14 @@ def test_pretrained_denoise_fn_checks_conditioning(cond):
     loaded.denoise_fn()
   with pytest.raises(ValueError, match='class_label'):
     loaded.denoise_fn(class_label=K + 1)
-  plain = loaded._replace(model=UNet(**ARCH), params=_init(UNet(**ARCH)))
+  plain = dataclasses.replace(loaded, model=UNet(**ARCH), params=_init(UNet(**ARCH)))
   with pytest.raises(ValueError, match='unconditional'):
     plain.denoise_fn(class_label=0)
   with pytest.raises(ValueError, match='guidance_scale'):
     plain.denoise_fn(guidance_scale=1.0)
-  with pytest.raises(ValueError, match='unconditional models'):
-    pretrained.diffusers_config(model, 4, in_channels=1)
+  # diffusers' UNet2DModel has the same class embedding (num_class_embeds rows added after the timestep MLP).
+  config = diffusers_format.unet_config(model, 4, in_channels=1)
+  assert config['num_class_embeds'] == K + 1 and diffusers_format.unet_from_config(config)[0].num_classes == K
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import editing, figures, pretrained, sampling
+from ddpm_jax import editing, figures, loading, sampling
 from ddpm_jax import schedule as sched_lib
 from ddpm_jax.models import UNet
 
@@ -205,7 +205,7 @@ def tiny_model():
   model = UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), num_groups=8, out_ch=1)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), train=False)['params']
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
-  return pretrained.Pretrained(
+  return loading.LoadedModel(
     model=model,
     params=params,
     schedule=SCHED,

@@ -2,7 +2,7 @@
 
 Needs the ``reference`` extra (torch, diffusers, safetensors); skipped without it. Every model here is
 randomly initialised by diffusers, saved with ``save_pretrained``, imported with
-:func:`ddpm_jax.pretrained.load_diffusers` and run on the same inputs.
+:func:`ddpm_jax.loading.load_diffusers` and run on the same inputs.
 
 Parity is only meaningful if the outputs are not ~0 and every parameter matters: we therefore perturb
 the GroupNorm scales/offsets and all biases away from their (1, 0) / 0 initial values, so that a swapped
@@ -28,8 +28,9 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
 from ddpm_jax import diffusion  # pylint: disable=wrong-import-position
-from ddpm_jax import pretrained  # pylint: disable=wrong-import-position
+from ddpm_jax import loading  # pylint: disable=wrong-import-position
 from ddpm_jax import sampling  # pylint: disable=wrong-import-position
+from ddpm_jax.formats import diffusers as diffusers_format  # pylint: disable=wrong-import-position
 
 OUTPUT_TOL = 1e-4
 STEP_TOL = 1e-4
@@ -128,7 +129,7 @@ def cifar(tmp_path_factory):
   folder = tmp_path_factory.mktemp('ddpm-cifar10-32')
   torch_model.save_pretrained(folder)
   _scheduler('fixed_large').save_pretrained(folder)  # scheduler_config.json beside config.json
-  pre = pretrained.load_diffusers(str(folder))
+  pre = loading.load_diffusers(str(folder))
   return torch_model, pre, _jax_apply(pre)
 
 
@@ -138,12 +139,12 @@ def tiny(tmp_path_factory):
   folder = tmp_path_factory.mktemp('tiny')
   torch_model.save_pretrained(folder)
   _scheduler('fixed_large').save_pretrained(folder)
-  return torch_model, pretrained.load_diffusers(str(folder))
+  return torch_model, loading.load_diffusers(str(folder))
 
 
 def test_cifar10_state_dict_names_are_exactly_ours(cifar):
   torch_model, pre, _ = cifar
-  ours = pretrained.to_diffusers_state_dict(pre.params)
+  ours = diffusers_format.to_state_dict(pre.params)
   theirs = torch_model.state_dict()
   assert set(ours) == set(theirs)
   assert len(ours) == 328
@@ -175,7 +176,7 @@ def test_256_layout_outputs_match(tmp_path):
   """Six levels, attention only at level 4, pipeline (unet/ + scheduler/) layout, fixed_small."""
   torch_model = _random_unet(SMALL_256_LAYOUT, seed=2)
   diffusers.DDPMPipeline(unet=torch_model, scheduler=_scheduler('fixed_small')).save_pretrained(tmp_path)
-  pre = pretrained.load_diffusers(str(tmp_path))
+  pre = loading.load_diffusers(str(tmp_path))
   assert pre.model.ch_mult == (1, 1, 2, 2, 4, 4) and pre.model.attn_resolutions == (4,)
   assert (pre.var_type, pre.clip_denoised) == ('fixedsmall', True)
   assert 'up_1' in pre.params and 'attn_0' in pre.params['up_4'] and 'attn_0' not in pre.params['up_1']
@@ -275,9 +276,9 @@ def test_bin_weights_load_with_torch(tiny, tmp_path):
   torch_model, pre = tiny
   torch_model.save_pretrained(tmp_path, safe_serialization=False)
   _scheduler('fixed_large').save_pretrained(tmp_path)
-  assert (tmp_path / pretrained.WEIGHTS_BIN).exists()
-  assert not (tmp_path / pretrained.WEIGHTS_SAFETENSORS).exists()
-  from_bin = pretrained.load_diffusers(str(tmp_path))
-  assert pretrained.WEIGHTS_BIN in from_bin.source
+  assert (tmp_path / diffusers_format.WEIGHTS_BIN).exists()
+  assert not (tmp_path / diffusers_format.WEIGHTS_SAFETENSORS).exists()
+  from_bin = loading.load_diffusers(str(tmp_path))
+  assert diffusers_format.WEIGHTS_BIN in from_bin.source
   for a, b in zip(jax.tree.leaves(from_bin.params), jax.tree.leaves(pre.params)):
     np.testing.assert_array_equal(a, b)
