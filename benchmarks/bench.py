@@ -21,6 +21,10 @@ count of the operations of one train step (forward, backward, clipping, Adam, EM
 reverse step, from the lowered programs (taps in the zero padding not counted), times the measured throughput;
 set it against the device's peak to see how close to the hardware a run comes.
 
+``--layers``: the U-Net's layers on the JAX side (``UNet.layers``): 'auto' (the default) chooses as the commands
+do (`cpu_tuning.model_layers`: the CPU layers on XLA:CPU, the reference layers elsewhere); 'reference' and 'cpu'
+force one, to see what the CPU layers buy. The choice is printed and kept in the JSON (``Result.layers``).
+
 ``--dtype bfloat16``: both sides keep float32 parameters, optimizer state and EMA and compute the network in
 bfloat16: JAX with the model's ``dtype``, the peer under ``torch.autocast(dtype=torch.bfloat16)`` (its result's
 notes say what dtype the peer's network output really had). With ``float32`` on a GPU each library uses its own
@@ -96,6 +100,7 @@ class Result:
   sample_tflop_s: float | None = None
   peak_kind: str = ''
   notes: str = ''
+  layers: str | None = None  # JAX only: the U-Net's layers (UNet.layers) it ran
 
 
 # The measured fields of `Result` (None where not measured).
@@ -170,10 +175,12 @@ def _timed(fn: Callable[[], Any], sync: Callable[[Any], Any]) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def make_model(tiny: bool, *, dtype: str = 'float32', remat: bool = False, dropout: float = 0.1):
+def make_model(tiny: bool, *, dtype: str = 'float32', remat: bool = False, dropout: float = 0.1, layers: str = 'auto'):
+  """The CIFAR-10 U-Net (or `TINY`), its layers chosen by `cpu_tuning.model_layers` from ``layers``."""
+  fields = cpu_tuning_lib.model_layers(layers)
   if tiny:
-    return unet_lib.UNet(**TINY, dropout=dropout, dtype=dtype, remat=remat)
-  return unet_lib.unet_cifar10(dropout=dropout, dtype=dtype, remat=remat)
+    return unet_lib.UNet(**TINY, dropout=dropout, dtype=dtype, remat=remat, **fields)
+  return unet_lib.unet_cifar10(dropout=dropout, dtype=dtype, remat=remat, **fields)
 
 
 def make_multi_step(step_fn: Callable, k: int, devices: Sequence[Any] | None = None) -> Callable:
@@ -475,14 +482,16 @@ def run(
   remat: bool = False,
   steps_per_call: int = 1,
   tiny: bool = False,
+  layers: str = 'auto',
 ) -> list[Result]:
   """Runs the benchmark; returns one `Result` per implementation (JAX first)."""
   results = []
-  model = make_model(tiny, dtype=dtype, remat=remat)
+  model = make_model(tiny, dtype=dtype, remat=remat, layers=layers)
   params = train_lib.init_params(model, image_shape=IMAGE_SHAPE, key=jax.random.key(0))
   nparams = unet_lib.count_params(params)
   on_gpu = jax.default_backend() != 'cpu'
   if 'jax' in impls:
+    print(f'JAX U-Net layers: {model.layers!r} (--layers {layers}; cpu_tree_reductions={model.cpu_tree_reductions})')
     r = Result(
       'jax',
       jax.local_devices()[0].device_kind,
@@ -490,7 +499,11 @@ def run(
       dtype,
       nparams,
       peak_kind='device peak_bytes_in_use' if on_gpu else CpuPeak.kind,
-      notes=f'remat={remat} steps_per_call={steps_per_call} XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}',
+      notes=(
+        f'remat={remat} steps_per_call={steps_per_call} layers={model.layers} '
+        f'cpu_tree_reductions={model.cpu_tree_reductions} XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}'
+      ),
+      layers=model.layers,
     )
     if train_steps:
       tr = bench_jax_train(model, batch=batch, steps=train_steps, k=steps_per_call)
@@ -705,6 +718,13 @@ def main(argv=None):
   p.add_argument('--tiny', action='store_true', help='tiny model (smoke test)')
   p.add_argument('--matmul_precision', default=None, help="jax_default_matmul_precision, e.g. 'bfloat16'")
   p.add_argument(
+    '--layers',
+    default='auto',
+    choices=cpu_tuning_lib.LAYER_CHOICES,
+    help="the U-Net's layers on the JAX side: 'auto' = as the commands choose (cpu on XLA:CPU, reference "
+    'elsewhere); reference or cpu to force one',
+  )
+  p.add_argument(
     '--cpu_tuning',
     default='auto',
     choices=('auto', 'train', 'inference', 'none'),
@@ -742,6 +762,10 @@ def main(argv=None):
   if a.matmul_precision:
     jax.config.update('jax_default_matmul_precision', a.matmul_precision)
   env = environment()
+  if a.layers == 'cpu' and env['backend'] != 'cpu':  # before any child process starts or anything compiles
+    p.error(
+      f'--layers cpu: the CPU layers are for XLA:CPU, and JAX runs on {env["backend"]!r} here; use auto or reference'
+    )
   print('environment:', json.dumps(env), flush=True)
   print('command:', ' '.join(['python', sys.argv[0]] + argv), f'| load average {os.getloadavg()}', flush=True)
   t0 = time.time()
@@ -767,6 +791,7 @@ def main(argv=None):
       remat=a.remat,
       steps_per_call=a.steps_per_call,
       tiny=a.tiny,
+      layers=a.layers,
     )
   print(table(results), flush=True)
   print(f'total wall time {time.time() - t0:.0f} s; load average at start {load0}, at end {os.getloadavg()}')

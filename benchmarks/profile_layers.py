@@ -1,15 +1,17 @@
 """Times single layers of the CIFAR-10 U-Net: where a training step's time goes (BENCHMARKS.md).
 
-  python benchmarks/profile_layers.py --what layers --batch 16   # layers.py against the plain formulas (ms)
+  python benchmarks/profile_layers.py --what layers --batch 16   # the CPU layers against the reference ones (ms)
   python benchmarks/profile_layers.py --what convs --batch 32    # every 3x3 conv of the model, XLA against PyTorch
   python benchmarks/profile_layers.py --what roofline --batch 32 # the forward pass against the machine's limits
   python benchmarks/profile_layers.py --what roofline --batch 128 --dtype bfloat16   # the same on a GPU or TPU
 
 ``layers``: forward and forward + gradient of GroupNorm + swish, a ResBlock with a Dense shortcut and an attention
-block, built from `ddpm_jax.models.layers` and from the plain formulas (Flax GroupNorm/Dense, einsum attention).
+block, built from the reference layers (``UNet(layers='reference')``: Flax GroupNorm/Dense, einsum attention) and
+from the CPU layers (``layers='cpu'``, `ddpm_jax.models.cpu_layers`, with the tree reductions where the
+``--cpu_tuning`` setting would get them).
 ``convs``: forward and input + weight gradient of each 3x3 convolution shape of the model, times how often it
 occurs, for XLA and for PyTorch (oneDNN, ``torch.ops.aten.convolution_backward``); needs the ``reference`` extra.
-The convs after an upsample run as the model runs them (`layers.upsample_conv3x3`) on the XLA side.
+The convs after an upsample run as the CPU layers run them (`cpu_layers.upsample_conv3x3`) on the XLA side.
 ``roofline``: the CIFAR-10 model's forward pass (what each sampling step runs) in FLOP/s, with XLA's count of
 the floating-point operations of the compiled program (taps in the zero padding not counted), against what the
 machine does at best: a large matrix product in XLA and in PyTorch, in the same ``--dtype`` (the PyTorch one
@@ -33,7 +35,8 @@ from ddpm_jax import cpu_tuning  # pylint: disable=wrong-import-position
 
 # (resolution, in channels, out channels, kind, occurrences) of the CIFAR-10 U-Net's 3x3 convolutions. Kind 's1' and
 # 's2': stride 1 or 2; 'up': the conv after a x2 nearest upsample (resolution = its output), which the model computes
-# as four 2x2 convs at half the resolution (`layers.upsample_conv3x3`) and the peer as a conv of the upsampled input.
+# as four 2x2 convs at half the resolution (`cpu_layers.upsample_conv3x3`) and the peer as a conv of the upsampled
+# input.
 CONVS = [
   (32, 3, 128, 's1', 1),
   (32, 128, 128, 's1', 7),
@@ -68,21 +71,21 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def bench_layers(batch: int, repeats: int) -> list[tuple]:
+  """Rows ``(name, reference fwd, reference fwd+grad, cpu fwd, cpu fwd+grad)`` in ms."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from ddpm_jax.models import layers
+  from ddpm_jax.models import cpu_layers
   from ddpm_jax.models import unet
 
-  def plain_attention(q, k, v):
-    w = jax.nn.softmax(jnp.einsum('bnc,bmc->bnm', q, k) * q.shape[-1] ** -0.5, axis=-1)
-    return jnp.einsum('bnm,bmc->bnc', w, v)
-
-  plain = dict(
-    GroupNorm=lambda **kw: nn.GroupNorm(use_fast_variance=False, **kw), Dense=nn.Dense, attention=plain_attention
+  # The CPU layers as the commands would build them here (`cpu_tuning.model_layers` on XLA:CPU).
+  tree = jax.default_backend() == 'cpu' and not cpu_tuning.ynn_reductions()
+  impls = (dict(layers='reference'), dict(layers='cpu', cpu_tree_reductions=tree))
+  group_norms = (
+    lambda: nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False),
+    lambda: cpu_layers.GroupNorm(num_groups=32, tree_reductions=tree),
   )
-  mine = dict(GroupNorm=layers.GroupNorm, Dense=layers.Dense, attention=layers.attention)
   rng = np.random.default_rng(0)
   temb = jnp.asarray(rng.normal(size=(batch, 512)), jnp.float32)
   rows = []
@@ -95,29 +98,23 @@ def bench_layers(batch: int, repeats: int) -> list[tuple]:
   for name, shape, kind in specs:
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     result = [name]
-    for impl in (plain, mine):
-      for attr, value in impl.items():  # the U-Net blocks look these up in `layers` when they are called
-        setattr(layers, attr, value)
-      try:
-        if kind == 'gn':
-          module = layers.GroupNorm(num_groups=32)
-          apply = lambda p, x, module=module: jax.nn.swish(module.apply(p, x))
-          params = module.init(jax.random.key(0), x)
-        elif kind == 'res':
-          module = unet.ResnetBlock(128)
-          apply = lambda p, x, module=module: module.apply(p, x, temb, False)
-          params = module.init(jax.random.key(0), x, temb, False)
-        else:
-          module = unet.AttnBlock()
-          apply = lambda p, x, module=module: module.apply(p, x)
-          params = module.init(jax.random.key(0), x)
-        fwd = jax.jit(apply)
-        grad = jax.jit(jax.grad(lambda p, x, apply=apply: jnp.sum(apply(p, x) ** 2), argnums=(0, 1)))
-        result.append(_median_ms(lambda: jax.block_until_ready(fwd(params, x)), repeats))
-        result.append(_median_ms(lambda: jax.block_until_ready(grad(params, x)), repeats))
-      finally:
-        for attr, value in mine.items():
-          setattr(layers, attr, value)
+    for impl, group_norm in zip(impls, group_norms):
+      if kind == 'gn':
+        module = group_norm()
+        apply = lambda p, x, module=module: jax.nn.swish(module.apply(p, x))
+        params = module.init(jax.random.key(0), x)
+      elif kind == 'res':
+        module = unet.ResnetBlock(128, **impl)
+        apply = lambda p, x, module=module: module.apply(p, x, temb, False)
+        params = module.init(jax.random.key(0), x, temb, False)
+      else:
+        module = unet.AttnBlock(**impl)
+        apply = lambda p, x, module=module: module.apply(p, x)
+        params = module.init(jax.random.key(0), x)
+      fwd = jax.jit(apply)
+      grad = jax.jit(jax.grad(lambda p, x, apply=apply: jnp.sum(apply(p, x) ** 2), argnums=(0, 1)))
+      result.append(_median_ms(lambda: jax.block_until_ready(fwd(params, x)), repeats))
+      result.append(_median_ms(lambda: jax.block_until_ready(grad(params, x)), repeats))
     rows.append(tuple(result))
   return rows
 
@@ -126,7 +123,7 @@ def bench_convs(batch: int, repeats: int) -> list[tuple]:
   import jax
   import numpy as np
   import torch
-  from ddpm_jax.models import layers
+  from ddpm_jax.models import cpu_layers
 
   torch.set_num_threads(os.cpu_count() or 1)
   rng = np.random.default_rng(0)
@@ -143,7 +140,7 @@ def bench_convs(batch: int, repeats: int) -> list[tuple]:
     dy = rng.normal(size=(batch, h // stride, h // stride, cout)).astype(np.float32)
     jx, jw, jdy = map(jax.device_put, (x, w, dy))
     if kind == 'up':  # what the model runs: the half-resolution input, no upsampled copy
-      conv, jx = layers.upsample_conv3x3, jax.device_put(x[:, ::2, ::2])
+      conv, jx = cpu_layers.upsample_conv3x3, jax.device_put(x[:, ::2, ::2])
     fwd = jax.jit(conv)
     bwd = jax.jit(lambda x, w, dy, conv=conv: jax.vjp(conv, x, w)[1](dy))
     j_f = _median_ms(lambda: jax.block_until_ready(fwd(jx, jw)), repeats)
@@ -171,8 +168,9 @@ def bench_roofline(
   """Rows ``(name, amount, unit, ms, rate)``: GFLOP and GFLOP/s for computations, GB and GB/s for the copy.
 
   ``model``: a Linen module called as ``model.apply({'params': p}, x [B, 32, 32, 3], t [B], train=False)``
-  (default: the paper's CIFAR-10 U-Net computing in ``dtype``). The matrix products run in ``dtype`` too
-  ('bfloat16': the rate that matters on GPUs and TPUs). The PyTorch row needs torch and is left out without it.
+  (default: the paper's CIFAR-10 U-Net computing in ``dtype``, with the layers the commands choose here). The
+  matrix products run in ``dtype`` too ('bfloat16': the rate that matters on GPUs and TPUs). The PyTorch row needs
+  torch and is left out without it.
   """
   import jax
   import jax.numpy as jnp
@@ -180,7 +178,7 @@ def bench_roofline(
   from benchmarks import bench
   from ddpm_jax.models import unet
 
-  model = model or unet.unet_cifar10(dtype=jnp.dtype(dtype))
+  model = model or unet.unet_cifar10(dtype=jnp.dtype(dtype), **cpu_tuning.model_layers('auto'))
   x = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
   t = jnp.full((batch,), 500, jnp.int32)
   params = jax.jit(lambda k: model.init(k, x, t, train=False)['params'])(jax.random.key(1))
@@ -246,9 +244,9 @@ def main(argv=None):
     f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}'
   )
   if args.what == 'layers':
-    print('ms                                        | plain fwd | plain fwd+grad | layers.py fwd | layers.py fwd+grad')
+    print('ms                                        | reference fwd | reference fwd+grad | cpu fwd | cpu fwd+grad')
     for name, pf, pg, mf, mg in bench_layers(args.batch, args.repeats):
-      print(f'{name:42s}| {pf:9.1f} | {pg:14.1f} | {mf:13.1f} | {mg:18.1f}')
+      print(f'{name:42s}| {pf:13.1f} | {pg:18.1f} | {mf:7.1f} | {mg:12.1f}')
   elif args.what == 'roofline':
     print(f'{"":36s}| amount        |      ms | rate')
     for name, amount, unit, ms, rate in bench_roofline(args.batch, args.repeats, dtype=args.dtype):

@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.remat = False  # Recompute each block's activations in the backward pass: less memory, ~1 more forward.
   model.num_classes = 0  # 0: unconditional (the paper). K > 0: class-conditional on the dataset's K labels.
   model.class_dropout = 0.1  # Class-conditional only: P(label -> null class) in training, for classifier-free guidance.
+  model.layers = 'auto'  # auto (cpu on XLA:CPU, else reference) | reference (the paper's, plain Flax) | cpu.
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.beta_schedule = 'linear'  # Beta schedule name (see ddpm_jax.schedule.BETA_SCHEDULES).

@@ -1,5 +1,6 @@
-"""CPU settings that make the U-Net faster on a CPU, applied by the commands before JAX starts: an XLA:CPU flag
-(`tune_cpu`) and glibc's malloc with transparent huge pages (`restart_with_malloc_tuning`, under "Memory" below).
+"""CPU settings that make the U-Net faster on a CPU: an XLA:CPU flag (`tune_cpu`) and glibc's malloc with
+transparent huge pages (`restart_with_malloc_tuning`, under "Memory" below), applied by the commands before JAX
+starts, and the choice of the U-Net's layers (`model_layers`, under "Layers" below), made when a model is built.
 
 XLA:CPU in jaxlib 0.10 hands matmuls, convolutions, element-wise ops and reductions to the YNNPACK library by
 default. For this U-Net that is slower than XLA's own kernels for the convolutions and their gradients, and faster
@@ -14,15 +15,22 @@ development machine (BENCHMARKS.md), ``--xla_cpu_experimental_ynn_fusion_type`` 
   ``individual_dot``    3.08           19.8
   ====================  =============  ==================
 
-(measured before the hand-written gradients of `ddpm_jax.models.layers`; BENCHMARKS.md has the current
+(measured before the hand-written gradients of `ddpm_jax.models.cpu_layers`; BENCHMARKS.md has the current
 figures), so training runs with ``reduce`` and sampling-only commands with ``individual_dot``. `ynn_reductions`
-tells `ddpm_jax.models.layers` which of the two is in force: with XLA's own reduction kernels it computes the
-GroupNorm statistics and the attention softmax's row max and sum as trees of halvings, which are faster there.
-The flag only concerns the CPU backend: on GPU and TPU hosts it changes nothing (the device does the work).
+tells which of the two is in force; with XLA's own reduction kernels the CPU layers compute the GroupNorm
+statistics and the attention softmax's row max and sum as trees of halvings, which are faster there
+(``UNet.cpu_tree_reductions``, set by `model_layers`). The flag only concerns the CPU backend: on GPU and TPU
+hosts it changes nothing (the device does the work).
 
 Nothing here is applied when the user set the flag in ``XLA_FLAGS`` already, when ``DDPM_JAX_CPU_TUNING=0``, when
 JAX's backends are already running (too late to change flags), or with a jaxlib outside the 0.10 series (the flag
 is experimental, and an unknown flag value stops XLA at start-up).
+
+Layers: `model_layers` gives the ``UNet`` fields ``layers`` and ``cpu_tree_reductions`` for the backend a command
+computes on: the layers of `ddpm_jax.models.cpu_layers` (``'cpu'``) on XLA:CPU, the plain Flax layers
+(``'reference'``, the paper's exact formulation) on every other backend. A config or flag can force either
+(``'cpu'`` only on a CPU). No accelerator was available to measure whether the CPU layers would help there, so
+the accelerator default is the reference. The choice is made once, when the model is built, and logged.
 
 Memory: each call of a compiled program allocates its buffers afresh (about 1.9 GB are touched in one training
 step of the CIFAR-10 model at batch 32), and glibc's malloc hands large blocks out as new 4 KiB pages, so the
@@ -44,12 +52,15 @@ import os
 import platform
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 FLAG = '--xla_cpu_experimental_ynn_fusion_type'
 PRESETS = {'train': 'reduce', 'inference': 'individual_dot'}
 
 MALLOC_TUNABLE = 'glibc.malloc.hugetlb=1'
 THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
+# What `model_layers` accepts: 'auto' (by backend) or a `ddpm_jax.models.unet.LAYERS` name.
+LAYER_CHOICES = ('auto', 'reference', 'cpu')
 # JAX plug-ins that give it a GPU or TPU backend: with one installed the model does not run on XLA:CPU.
 ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin', 'jax_rocm7_plugin', 'libtpu')
 
@@ -95,7 +106,7 @@ def ynn_reductions() -> bool:
   """Whether XLA:CPU hands reductions to YNNPACK in this process, judged from ``XLA_FLAGS``.
 
   True unless ``--xla_cpu_experimental_ynn_fusion_type`` is set (last occurrence wins) to a list without
-  ``reduce`` or with ``-reduce``. `ddpm_jax.models.layers` uses it to pick the form of its reductions that is
+  ``reduce`` or with ``-reduce``. `model_layers` uses it to pick the form of the CPU layers' reductions that is
   fast for the kernels XLA:CPU will use (plain reductions or trees of halvings).
   """
   value = None
@@ -108,6 +119,50 @@ def ynn_reductions() -> bool:
   if any(v.startswith(('+', '-')) for v in items):
     return '-reduce' not in items
   return 'reduce' in items
+
+
+def model_layers(requested: str = 'auto', backend: str | None = None) -> dict[str, Any]:
+  """The U-Net's implementation fields for ``backend``: ``{'layers': ..., 'cpu_tree_reductions': ...}``.
+
+  Call it when the model is built (e.g. ``model.clone(**model_layers(config_value))``), after `tune_cpu`: the tree
+  reductions follow this process's XLA flags at that moment (`ynn_reductions`); nothing is read while tracing.
+
+  Args:
+    requested: 'auto' ('cpu' on the XLA:CPU backend, 'reference' on any other), or 'reference' or 'cpu' to force
+      one (see ``ddpm_jax.models.unet.UNet.layers``).
+    backend: the JAX backend the model will run on ('cpu', 'gpu', 'tpu', ...); default ``jax.default_backend()``.
+
+  Returns:
+    ``layers`` ('reference' or 'cpu') and ``cpu_tree_reductions`` (True only for 'cpu' layers when XLA:CPU runs
+    reductions on its own kernels).
+
+  Raises:
+    ValueError: for an unknown ``requested``, or 'cpu' on a backend other than the CPU (before anything compiles).
+  """
+  if not isinstance(requested, str) or requested not in LAYER_CHOICES:
+    raise ValueError(
+      f'Unknown U-Net layers {requested!r}; choose one of {LAYER_CHOICES} ('
+      "'auto': the CPU layers on a CPU, the reference layers elsewhere)."
+    )
+  if backend is None:
+    import jax  # pylint: disable=g-import-not-at-top  (this module is imported before JAX may start)
+
+    backend = jax.default_backend()
+  if requested == 'cpu' and backend != 'cpu':
+    raise ValueError(
+      f"U-Net layers 'cpu' are written for XLA:CPU, but this computation runs on the {backend!r} backend; use "
+      "'reference' or 'auto'."
+    )
+  layers = requested if requested != 'auto' else ('cpu' if backend == 'cpu' else 'reference')
+  tree = layers == 'cpu' and not ynn_reductions()
+  _log.info(
+    'U-Net layers: %r (%s on the %r backend)%s.',
+    layers,
+    'chosen' if requested == 'auto' else 'forced',
+    backend,
+    ', reductions as trees of halvings' if tree else '',
+  )
+  return {'layers': layers, 'cpu_tree_reductions': tree}
 
 
 def _thp_mode() -> str:

@@ -36,6 +36,7 @@ from jax import lax
 from jax.experimental import multihost_utils
 
 from ddpm_jax import checkpoint as checkpoint_lib
+from ddpm_jax import cpu_tuning
 from ddpm_jax import data_parallel
 from ddpm_jax import diffusion
 from ddpm_jax import image_grid
@@ -120,6 +121,11 @@ def validate_config(
     unet_lib.validate_unet_input((1, d.image_size, d.image_size, d.channels), ch_mult=tuple(m.ch_mult))
   except ValueError as e:
     fail(f'model/data: {e}')
+  if m.get('layers', 'auto') not in cpu_tuning.LAYER_CHOICES:
+    fail(
+      f'Unknown model.layers={m.layers!r}; choose one of {cpu_tuning.LAYER_CHOICES} (auto: the CPU layers when '
+      'training on XLA:CPU, the reference layers elsewhere).'
+    )
 
   if m.get('num_classes', 0):
     k = m.num_classes
@@ -271,9 +277,20 @@ def build_schedule(config: ml_collections.ConfigDict) -> schedule_lib.Schedule:
   )
 
 
-def build_model(config: ml_collections.ConfigDict) -> unet_lib.UNet:
-  """The U-Net of a training config (``config.model`` with the data's channels and the variance type)."""
+def build_model(config: ml_collections.ConfigDict, *, backend: str | None = None) -> unet_lib.UNet:
+  """The U-Net of a training config (``config.model`` with the data's channels and the variance type).
+
+  Its layers are ``config.model.layers`` ('auto' where the config has no such key, as older workdirs' configs),
+  resolved for ``backend`` (default ``jax.default_backend()``) by `cpu_tuning.model_layers`, which logs the choice.
+
+  Raises:
+    ConfigError: for an unknown ``model.layers``, or 'cpu' on a backend other than the CPU.
+  """
   m, d = config.model, config.data
+  try:
+    layer_fields = cpu_tuning.model_layers(m.get('layers', 'auto'), backend)
+  except ValueError as e:
+    raise ConfigError(f'model.layers: {e}') from e
   return unet_lib.UNet(
     ch=m.ch,
     out_ch=_out_channels(d.channels, config.diffusion.var_type),
@@ -286,6 +303,7 @@ def build_model(config: ml_collections.ConfigDict) -> unet_lib.UNet:
     dtype=jnp.dtype(m.dtype),
     remat=bool(m.get('remat', False)),
     num_classes=int(m.get('num_classes', 0)),
+    **layer_fields,
   )
 
 

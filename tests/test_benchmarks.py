@@ -64,6 +64,8 @@ def test_run_and_json(tmp_path, capsys):
       '--in_process',
       '--cpu_tuning',
       'none',
+      '--layers',
+      'reference',
       '--json',
       str(out),
     ]
@@ -81,6 +83,8 @@ def test_run_and_json(tmp_path, capsys):
   # The FLOP rates (JAX only): XLA's count of the tiny model's programs times the measured throughput.
   jr = results[0]
   assert jr.train_tflop_s > 0 and jr.sample_tflop_s > 0
+  assert jr.layers == 'reference' and 'layers=reference' in jr.notes  # forced with --layers
+  assert all(r.layers is None for r in results[1:])
   assert all(r.train_tflop_s is None for r in results[1:])
   text = capsys.readouterr().out
   for word in (
@@ -100,6 +104,8 @@ def test_run_and_json(tmp_path, capsys):
   assert data['environment']['jax']
   assert [r['impl'] for r in data['results']] == impls.split(',')
   assert set(FIELDS) <= set(data['results'][0])
+  assert data['results'][0]['layers'] == 'reference' and '--layers' in data['argv']
+  assert "JAX U-Net layers: 'reference'" in text
 
 
 @pytest.mark.skipif(not HAVE_TORCH, reason='needs the reference extra (torch)')
@@ -140,6 +146,8 @@ def test_table_ratio_row():
 def test_bad_impl_is_rejected():
   with pytest.raises(SystemExit):
     bench.main(['--impl', 'tensorflow'])
+  with pytest.raises(SystemExit):
+    bench.main(['--layers', 'fast'])
 
 
 def test_strip_options():
@@ -174,6 +182,12 @@ def test_auto_cpu_tuning_measures_each_phase_in_its_own_process(tmp_path):
   for f in FIELDS:
     assert getattr(results[0], f) is not None, f
   assert 'ynn_fusion_type=reduce' in results[0].notes and 'ynn_fusion_type=individual_dot' in results[0].notes
+  # --layers auto: the CPU layers, as the commands choose them here; the tree reductions where the sampling
+  # process's XLA:CPU setting runs reductions on XLA's own kernels, not in the training process.
+  assert results[0].layers == 'cpu'
+  notes = results[0].notes.split('; ')
+  assert 'cpu_tree_reductions=False' in notes[0] and 'ynn_fusion_type=reduce' in notes[0]
+  assert 'cpu_tree_reductions=True' in notes[1] and 'ynn_fusion_type=individual_dot' in notes[1]
 
 
 def test_merge_fills_missing_fields():
@@ -251,10 +265,6 @@ def test_profile_layers_times_both_implementations():
   rows = profile.bench_layers(batch=1, repeats=1)
   assert [r[0].split()[0] for r in rows] == ['GroupNorm+swish', 'GroupNorm+swish', 'ResBlock', 'attention']
   assert all(len(r) == 5 and all(t > 0 for t in r[1:]) for r in rows)
-  # The layers are put back afterwards: the model uses the hand-written ones again.
-  from ddpm_jax.models import layers
-
-  assert layers.attention.__class__.__name__ == 'custom_vjp'
 
 
 @pytest.mark.skipif(not HAVE_TORCH, reason='needs the reference extra (torch)')

@@ -151,6 +151,7 @@ BAD = [
   (_set(data__in_memory=False), 1, 'data.in_memory=False'),
   (_set(model__ch=20), 1, 'num_groups=8'),
   (_set(model__dropout=1.5), 1, 'dropout'),
+  (_set(model__layers='gpu'), 1, "model.layers='gpu'"),
   (_set(diffusion__beta_schedule='cubic'), 1, "'cubic'"),
   (_set(diffusion__mean_type='v'), 1, "'v'"),
   (_set(diffusion__var_type='learned'), 1, 'learned'),

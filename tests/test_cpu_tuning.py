@@ -1,9 +1,11 @@
-"""The XLA:CPU flag the commands set before JAX starts (each case in a fresh interpreter)."""
+"""The CPU settings: the XLA:CPU flag the commands set before JAX starts (each case in a fresh interpreter), the
+choice of the U-Net's layers (model_layers) and glibc's malloc tuning."""
 
 import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from ddpm_jax import cpu_tuning
@@ -75,6 +77,65 @@ def test_ynn_reductions_reads_the_flag(monkeypatch, xla_flags, expected):
   else:
     monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1 ' + xla_flags)
   assert cpu_tuning.ynn_reductions() is expected
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The U-Net's layers (model_layers)
+# ----------------------------------------------------------------------------------------------------------------
+
+_REDUCE = '--xla_cpu_experimental_ynn_fusion_type=reduce'
+_INDIVIDUAL_DOT = '--xla_cpu_experimental_ynn_fusion_type=individual_dot'
+
+
+@pytest.mark.parametrize(
+  'requested,backend,expected',
+  [
+    ('auto', 'cpu', 'cpu'),
+    ('auto', 'gpu', 'reference'),
+    ('auto', 'tpu', 'reference'),
+    ('auto', 'cuda', 'reference'),
+    ('reference', 'cpu', 'reference'),
+    ('reference', 'gpu', 'reference'),
+    ('cpu', 'cpu', 'cpu'),
+  ],
+)
+def test_model_layers_chooses_by_backend(monkeypatch, caplog, requested, backend, expected):
+  monkeypatch.setenv('XLA_FLAGS', _INDIVIDUAL_DOT)  # XLA:CPU's own reductions: trees of halvings for the CPU layers
+  with caplog.at_level('INFO', logger=cpu_tuning.__name__):
+    fields = cpu_tuning.model_layers(requested, backend)
+  assert fields == {'layers': expected, 'cpu_tree_reductions': expected == 'cpu'}
+  # One info line names the choice.
+  (record,) = [r for r in caplog.records if r.name == cpu_tuning.__name__]
+  assert record.levelname == 'INFO' and repr(expected) in record.getMessage() and repr(backend) in record.getMessage()
+
+
+def test_model_layers_tree_reductions_follow_the_flags_when_called(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', _REDUCE)
+  assert cpu_tuning.model_layers('cpu', 'cpu') == {'layers': 'cpu', 'cpu_tree_reductions': False}
+  monkeypatch.delenv('XLA_FLAGS')  # jaxlib's default: YNNPACK's reductions
+  assert cpu_tuning.model_layers('auto', 'cpu') == {'layers': 'cpu', 'cpu_tree_reductions': False}
+  monkeypatch.setenv('XLA_FLAGS', _INDIVIDUAL_DOT)
+  assert cpu_tuning.model_layers('auto', 'cpu') == {'layers': 'cpu', 'cpu_tree_reductions': True}
+  assert cpu_tuning.model_layers('auto', 'gpu') == {'layers': 'reference', 'cpu_tree_reductions': False}
+
+
+def test_model_layers_default_backend_is_jaxs():
+  assert jax.default_backend() == 'cpu'  # this machine
+  assert cpu_tuning.model_layers()['layers'] == 'cpu'
+
+
+def test_model_layers_rejects_bad_choices():
+  for bad in ('gpu', 'Reference', '', None, 1):
+    with pytest.raises(ValueError, match=f'Unknown U-Net layers {bad!r}.*auto'):
+      cpu_tuning.model_layers(bad, 'cpu')
+  for backend in ('gpu', 'tpu'):
+    with pytest.raises(ValueError, match=f"'cpu' are written for XLA:CPU.*{backend!r}.*'reference' or 'auto'"):
+      cpu_tuning.model_layers('cpu', backend)
+
+
+def test_module_imports_without_jax():
+  out = _fresh('import sys\nfrom ddpm_jax import cpu_tuning\nprint("jax" in sys.modules)')
+  assert out == ['False']
 
 
 # ----------------------------------------------------------------------------------------------------------------

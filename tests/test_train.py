@@ -127,6 +127,34 @@ def test_warmup_ema_and_step_counter():
   assert not np.allclose(jax.tree.leaves(states[3].params)[0], jax.tree.leaves(states[0].params)[0])
 
 
+def test_build_model_chooses_the_layers_for_the_backend():
+  """train.py's model: the CPU layers on this machine (XLA:CPU), the reference layers on any other backend; a
+  config can force either, an older workdir's config without the key means 'auto', and a bad choice fails."""
+  config = tiny.get_config()
+  assert config.model.layers == 'auto'
+  model = train_lib.build_model(config)
+  assert jax.default_backend() == 'cpu' and model.layers == 'cpu'
+  assert train_lib.build_model(config, backend='gpu').layer_fields() == {
+    'layers': 'reference',
+    'cpu_tree_reductions': False,
+  }
+  assert train_lib.build_model(config, backend='tpu').layers == 'reference'
+  # The same network: only the implementation differs.
+  assert train_lib.build_model(config, backend='gpu').config_fields() == model.config_fields()
+  older = tiny.get_config()
+  del older.model['layers']  # a config.json written before the key existed
+  train_lib.validate_config(older)
+  assert train_lib.build_model(older).layers == 'cpu'
+  config.model.layers = 'reference'
+  assert train_lib.build_model(config).layers == 'reference'
+  config.model.layers = 'cpu'
+  with pytest.raises(train_lib.ConfigError, match="model.layers: .*'cpu'.*'gpu'"):
+    train_lib.build_model(config, backend='gpu')
+  config.model.layers = 'fast'
+  with pytest.raises(train_lib.ConfigError, match="model.layers: .*'fast'"):
+    train_lib.build_model(config)
+
+
 def _tiny(**overrides):
   config = tiny.get_config()
   for k, v in overrides.items():

@@ -337,10 +337,11 @@ def _np(tree):
   return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
 
 
-def test_attention_block_matches_numpy():
+@pytest.mark.parametrize('layers', ['reference', 'cpu'])
+def test_attention_block_matches_numpy(layers):
   # Small-variance input (var ~1e-5) so that GroupNorm's epsilon (1e-6, not 1e-5) matters.
   x = 0.003 * jax.random.normal(jax.random.PRNGKey(3), (2, 4, 6, 16))
-  block = AttnBlock(num_groups=4)
+  block = AttnBlock(num_groups=4, layers=layers)
   p = _randomize(_shapes(block, x), seed=5)
   out = np.asarray(_fast_jit(lambda p, x: block.apply({'params': p}, x), p, x)(p, x))
   n = _np(p)
@@ -370,11 +371,12 @@ def test_timestep_mlp_matches_numpy():
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('layers', ['reference', 'cpu'])
 @pytest.mark.parametrize('c_in,c_out', [(8, 8), (8, 16)])
-def test_resnet_block_matches_numpy(c_in, c_out):
+def test_resnet_block_matches_numpy(c_in, c_out, layers):
   x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 5, c_in))
   temb = jax.random.normal(jax.random.PRNGKey(4), (2, 12))
-  block = ResnetBlock(c_out, num_groups=4)
+  block = ResnetBlock(c_out, num_groups=4, layers=layers)
   p = _randomize(_shapes(block, x, temb, train=False), seed=6)
   assert ('nin_shortcut' in p) == (c_in != c_out)
   f = _fast_jit(lambda p, x, e: block.apply({'params': p}, x, e, train=False), p, x, temb)
@@ -411,12 +413,13 @@ def test_downsample_uses_tf_same_padding():
   np.testing.assert_allclose(np.asarray(pool.apply({}, x)), ref, rtol=1e-6, atol=1e-6)
 
 
-def test_upsample_is_pixel_repetition():
+@pytest.mark.parametrize('layers', ['reference', 'cpu'])
+def test_upsample_is_pixel_repetition(layers):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 4))
   rep = np.repeat(np.repeat(np.asarray(x), 2, axis=1), 2, axis=2)
-  up = Upsample(with_conv=False)
+  up = Upsample(with_conv=False, layers=layers)
   np.testing.assert_array_equal(np.asarray(up.apply({}, x)), rep)
-  upc = Upsample(with_conv=True)
+  upc = Upsample(with_conv=True, layers=layers)
   p = _randomize(_shapes(upc, x))
   out = np.asarray(_fast_jit(lambda p, x: upc.apply({'params': p}, x), p, x)(p, x))
   ref = _np_conv3x3_same(rep.astype(np.float64), *(np.asarray(p['conv'][k], np.float64) for k in ('kernel', 'bias')))
@@ -442,6 +445,10 @@ def test_upsample_is_pixel_repetition():
     (dict(dtype=jnp.int32), r'dtype.*int32'),
     (dict(param_dtype='float33'), r'param_dtype.*float33'),
     (dict(ch=2, num_groups=1), r'ch must be >= 4.*2'),
+    (dict(layers='gpu'), r"layers must be one of \('reference', 'cpu'\); got 'gpu'"),
+    (dict(layers=None), r'layers must be one of.*None'),
+    (dict(cpu_tree_reductions=True), r"cpu_tree_reductions=True.*layers='reference'"),
+    (dict(layers='cpu', cpu_tree_reductions='yes'), r'cpu_tree_reductions must be a bool.*yes'),
   ],
 )
 def test_config_validation(kwargs, match):
@@ -456,6 +463,18 @@ def test_unknown_field():
     unet_cifar10(chanels=64)
   with pytest.raises(ValueError, match='bogus'):
     unet_256(bogus=1)
+
+
+def test_layers_field():
+  """The implementation choice: 'reference' by default everywhere, settable in the constructors and by clone, and
+  kept apart from the architecture fields (two models that differ only there are the same network)."""
+  assert UNet().layers == unet_cifar10().layers == unet_256().layers == 'reference'
+  m = unet_cifar10(layers='cpu', cpu_tree_reductions=True)
+  assert m.layer_fields() == {'layers': 'cpu', 'cpu_tree_reductions': True}
+  assert m.config_fields() == unet_cifar10().config_fields()
+  assert unet_cifar10().clone(**m.layer_fields()).layer_fields() == m.layer_fields()
+  with pytest.raises(ValueError, match="'tpu'"):
+    unet_cifar10().clone(layers='tpu')  # clone validates too
 
 
 def test_input_validation():

@@ -18,6 +18,18 @@ Architecture summary (each point as in the original ``unet.py`` / ``nn.py``):
 * GroupNorm(32 groups, eps 1e-6); every kernel initialised with
   ``variance_scaling(scale, 'fan_avg', 'uniform')``, scale 0 replaced by 1e-10.
 
+Layers (``UNet.layers``): by default (``'reference'``) the network is built from
+plain Flax/JAX layers that XLA differentiates itself, in both modes (``jax.grad``,
+``jax.jvp``, ``jax.jacfwd``): ``nn.GroupNorm`` with float32 statistics, ``nn.Dense``,
+softmax attention with float32 logits, ``nn.Dropout``, pixel repetition then
+``nn.Conv``. ``layers='cpu'`` swaps in the layers of
+:mod:`ddpm_jax.models.cpu_layers`, which compute the same function faster on
+XLA:CPU (hand-written gradients, reverse mode only; 16-bit dropout masks; the
+upsampling conv as four 2x2 convs); the commands choose it when they compute on a
+CPU (``ddpm_jax.cpu_tuning.model_layers``). `_layer_kit` is the one place that
+picks the layer of each kind. Both choices have the same parameter tree (names,
+shapes, dtypes, initialisation), so checkpoints and importers do not care.
+
 Parameter tree (mirrors the TF variable scopes under ``model/``; a TF checkpoint
 maps by renaming leaves only: ``W -> kernel``, ``b -> bias``,
 ``gamma -> scale``, ``beta -> bias``). ``i`` is the level index, ``j`` the block
@@ -62,15 +74,17 @@ i.e. before XLA compiles anything.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from ddpm_jax.models import layers
+from ddpm_jax.models import cpu_layers
 
 __all__ = [
   'UNet',
@@ -80,6 +94,8 @@ __all__ = [
   'count_params',
   'validate_unet_config',
   'validate_unet_input',
+  'LAYERS',
+  'attention',
   'default_init',
   'ResnetBlock',
   'AttnBlock',
@@ -89,6 +105,9 @@ __all__ = [
 
 # TF nn.default_init replaces scale 0 by 1e-10 (variance_scaling rejects 0).
 _ZERO_SCALE = 1e-10
+
+# The implementations of the layers (`UNet.layers`): the paper's network in plain Flax, or the XLA:CPU layers.
+LAYERS = ('reference', 'cpu')
 
 
 def default_init(scale: float = 1.0):
@@ -174,6 +193,8 @@ def validate_unet_config(
   param_dtype: Any = jnp.float32,
   remat: bool = False,
   num_classes: int = 0,
+  layers: str = 'reference',
+  cpu_tree_reductions: bool = False,
 ) -> None:
   """Checks U-Net field values; raises ``ValueError`` naming the bad value and the fix.
 
@@ -212,6 +233,18 @@ def validate_unet_config(
     raise ValueError(f"num_classes must be an int >= 0 (0 = unconditional, the paper's models); got {num_classes!r}.")
   if not _is_int(num_groups) or num_groups < 1:
     raise ValueError(f'num_groups must be a positive int (32 in the original); got {num_groups!r}.')
+  if not isinstance(layers, str) or layers not in LAYERS:
+    raise ValueError(
+      f"layers must be one of {LAYERS}; got {layers!r}. 'reference' is the paper's network in plain Flax (any "
+      "backend, forward- and reverse-mode AD); 'cpu' the layers written for XLA:CPU (reverse mode only)."
+    )
+  if not isinstance(cpu_tree_reductions, (bool, np.bool_)):
+    raise ValueError(f'cpu_tree_reductions must be a bool; got {cpu_tree_reductions!r}.')
+  if cpu_tree_reductions and layers != 'cpu':
+    raise ValueError(
+      f"cpu_tree_reductions=True applies to the CPU layers only; got layers={layers!r}. Set layers='cpu' or "
+      'cpu_tree_reductions=False.'
+    )
   if ch < 4:
     raise ValueError(f'ch must be >= 4 (it is also the timestep-embedding width); got ch={ch}.')
   for name, c in [('ch', ch)] + [(f'ch*ch_mult[{i}]', ch * m) for i, m in enumerate(ch_mult)]:
@@ -279,13 +312,71 @@ def validate_unet_input(
 # ----------------------------------------------------------------------------
 
 
-def _group_norm(x, num_groups: int, param_dtype, name: str, out_dtype):
-  """GroupNorm with float32 statistics (TF contrib group_norm: eps 1e-6, gamma=1, beta=0).
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Single-head attention ``softmax(q k^T / sqrt(C)) v`` of ``[B, N, C]`` arrays, in plain JAX.
 
-  `layers.GroupNorm` computes what ``nn.GroupNorm(use_fast_variance=False)`` does (two-pass variance like
-  tf.nn.moments; E[x^2]-E[x]^2 loses precision) with a hand-written gradient that is 2-3x faster on XLA:CPU.
+  Logits and softmax in float32 (a bfloat16 softmax over N keys is too coarse; float64 inputs stay float64); the
+  weights are cast to ``v``'s dtype for the second product, which accumulates in that precision too. Returns
+  ``[B, N, C]`` in ``v``'s dtype.
   """
-  y = layers.GroupNorm(num_groups=num_groups, epsilon=1e-6, param_dtype=param_dtype, name=name)(x)
+  acc = jnp.promote_types(q.dtype, jnp.float32)
+  scale = float(q.shape[-1]) ** -0.5
+  logits = jnp.einsum('bnc,bmc->bnm', q, k, preferred_element_type=acc) * scale
+  w = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum('bnm,bmc->bnc', w.astype(v.dtype), v, preferred_element_type=acc).astype(v.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerKit:
+  """The layer of each kind that one implementation (`LAYERS`) builds the U-Net from.
+
+  Attributes:
+    group_norm: module class called as ``(num_groups=, epsilon=, param_dtype=, name=)``; statistics and output in
+      the input's dtype (float32 or wider).
+    dense: module class with ``nn.Dense``'s signature.
+    attention: ``(q, k, v) -> out`` on ``[B, N, C]`` arrays.
+    dropout: module class called as ``(rate=)``, drawing from the ``'dropout'`` RNG stream.
+    upsample_conv: module class with ``nn.Conv``'s parameters that computes ``conv3x3(upsample_x2(x))`` from the
+      half-resolution ``x``; None: upsample by pixel repetition, then ``nn.Conv``.
+  """
+
+  group_norm: Callable[..., nn.Module]
+  dense: Callable[..., nn.Module]
+  attention: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+  dropout: Callable[..., nn.Module]
+  upsample_conv: Optional[Callable[..., nn.Module]]
+
+
+_REFERENCE_KIT = _LayerKit(
+  # Two-pass variance (like tf.nn.moments; E[x^2] - E[x]^2 loses precision).
+  group_norm=functools.partial(nn.GroupNorm, use_fast_variance=False),
+  dense=nn.Dense,
+  attention=attention,
+  dropout=nn.Dropout,
+  upsample_conv=None,
+)
+
+
+def _layer_kit(layers: str, cpu_tree_reductions: bool) -> _LayerKit:
+  """The layers of implementation ``layers`` (`LAYERS`): the one place where the U-Net picks them."""
+  if layers == 'reference':
+    return _REFERENCE_KIT
+  if layers == 'cpu':
+    return _LayerKit(
+      group_norm=functools.partial(cpu_layers.GroupNorm, tree_reductions=cpu_tree_reductions),
+      dense=cpu_layers.Dense,
+      attention=functools.partial(cpu_layers.attention, tree_reductions=cpu_tree_reductions),
+      dropout=cpu_layers.Dropout,  # 16-bit masks: rate 0.1 -> 0.100006 (README)
+      upsample_conv=cpu_layers.UpsampleConv,
+    )
+  raise ValueError(f'layers must be one of {LAYERS}; got {layers!r}.')
+
+
+def _group_norm(kit: _LayerKit, x, num_groups: int, param_dtype, name: str, out_dtype):
+  """GroupNorm (TF contrib group_norm: eps 1e-6, gamma=1, beta=0) computed in float32 (or wider) whatever the
+  compute dtype, with parameters cast to it; the result cast to ``out_dtype``."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  y = kit.group_norm(num_groups=num_groups, epsilon=1e-6, param_dtype=param_dtype, name=name)(x)
   return y.astype(out_dtype)
 
 
@@ -305,10 +396,9 @@ def _conv3x3(features: int, dtype, param_dtype, name: str, strides: int = 1, ini
   )
 
 
-def _nin(features: int, dtype, param_dtype, name: str, init_scale: float = 1.0):
-  # TF nn.nin is tensordot over the channel axis == Dense on the last axis (`layers.Dense`: Flax's Dense
-  # with a gradient that XLA:CPU runs without transposing activations).
-  return layers.Dense(
+def _nin(kit: _LayerKit, features: int, dtype, param_dtype, name: str, init_scale: float = 1.0):
+  # TF nn.nin is tensordot over the channel axis == Dense on the last axis.
+  return kit.dense(
     features,
     kernel_init=default_init(init_scale),
     bias_init=nn.initializers.zeros,
@@ -324,6 +414,7 @@ class ResnetBlock(nn.Module):
   Attributes:
     out_ch: output channels.
     dropout: dropout rate, applied after the second GN+swish (train only).
+    num_groups, dtype, param_dtype, layers, cpu_tree_reductions: as in :class:`UNet`.
   """
 
   out_ch: int
@@ -331,6 +422,8 @@ class ResnetBlock(nn.Module):
   num_groups: int = 32
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  layers: str = 'reference'
+  cpu_tree_reductions: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
@@ -338,38 +431,44 @@ class ResnetBlock(nn.Module):
 
     ``train`` may be passed by position: the rematerialized block marks it static.
     """
-    h = nn.swish(_group_norm(x, self.num_groups, self.param_dtype, 'norm1', self.dtype))
+    kit = _layer_kit(self.layers, self.cpu_tree_reductions)
+    h = nn.swish(_group_norm(kit, x, self.num_groups, self.param_dtype, 'norm1', self.dtype))
     h = _conv3x3(self.out_ch, self.dtype, self.param_dtype, 'conv1')(h)
     # Timestep conditioning is added after conv1 and before norm2 (TF order).
-    h = h + _nin(self.out_ch, self.dtype, self.param_dtype, 'temb_proj')(nn.swish(temb))[:, None, None, :]
-    h = nn.swish(_group_norm(h, self.num_groups, self.param_dtype, 'norm2', self.dtype))
+    h = h + _nin(kit, self.out_ch, self.dtype, self.param_dtype, 'temb_proj')(nn.swish(temb))[:, None, None, :]
+    h = nn.swish(_group_norm(kit, h, self.num_groups, self.param_dtype, 'norm2', self.dtype))
     if train and self.dropout > 0.0:
-      h = layers.Dropout(rate=self.dropout)(h)  # 16-bit masks: rate 0.1 -> 0.100006 (README)
+      h = kit.dropout(rate=self.dropout, deterministic=False)(h)
     h = _conv3x3(self.out_ch, self.dtype, self.param_dtype, 'conv2', init_scale=0.0)(h)
     if x.shape[-1] != self.out_ch:
-      x = _nin(self.out_ch, self.dtype, self.param_dtype, 'nin_shortcut')(x)
+      x = _nin(kit, self.out_ch, self.dtype, self.param_dtype, 'nin_shortcut')(x)
     return x.astype(self.dtype) + h
 
 
 class AttnBlock(nn.Module):
-  """Single-head self-attention over all H*W positions (``unet.attn_block``)."""
+  """Single-head self-attention over all H*W positions (``unet.attn_block``).
+
+  Attributes: ``num_groups``, ``dtype``, ``param_dtype``, ``layers``, ``cpu_tree_reductions`` as in :class:`UNet`.
+  """
 
   num_groups: int = 32
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  layers: str = 'reference'
+  cpu_tree_reductions: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x ``[B,H,W,C]``. Returns ``x + proj_out(attn(GN(x)))``, same shape."""
     B, H, W, C = x.shape
-    h = _group_norm(x, self.num_groups, self.param_dtype, 'norm', self.dtype)
-    q = _nin(C, self.dtype, self.param_dtype, 'q')(h)
-    k = _nin(C, self.dtype, self.param_dtype, 'k')(h)
-    v = _nin(C, self.dtype, self.param_dtype, 'v')(h)
-    # Logits and softmax in float32 (bf16 softmax over H*W keys is too coarse).
+    kit = _layer_kit(self.layers, self.cpu_tree_reductions)
+    h = _group_norm(kit, x, self.num_groups, self.param_dtype, 'norm', self.dtype)
+    q = _nin(kit, C, self.dtype, self.param_dtype, 'q')(h)
+    k = _nin(kit, C, self.dtype, self.param_dtype, 'k')(h)
+    v = _nin(kit, C, self.dtype, self.param_dtype, 'v')(h)
     flat = lambda a: a.reshape(B, H * W, C)
-    h = layers.attention(flat(q), flat(k), flat(v)).reshape(B, H, W, C)
-    h = _nin(C, self.dtype, self.param_dtype, 'proj_out', init_scale=0.0)(h)
+    h = kit.attention(flat(q), flat(k), flat(v)).reshape(B, H, W, C)  # logits and softmax in float32
+    h = _nin(kit, C, self.dtype, self.param_dtype, 'proj_out', init_scale=0.0)(h)
     return x.astype(self.dtype) + h
 
 
@@ -394,19 +493,26 @@ class Upsample(nn.Module):
 
   TF uses ``tf.image.resize_nearest_neighbor(align_corners=True)``; for an exact
   x2 resize that picks source index ``round(y*(n-1)/(2n-1)) = y // 2``, i.e.
-  pixel repetition.
+  pixel repetition. With ``layers='cpu'`` the conv of the repeated image is
+  computed from the half-resolution input (`cpu_layers.UpsampleConv`, the same
+  parameters and function).
+
+  Attributes: ``with_conv``, and ``dtype``, ``param_dtype``, ``layers``, ``cpu_tree_reductions`` as in
+  :class:`UNet`.
   """
 
   with_conv: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  layers: str = 'reference'
+  cpu_tree_reductions: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x ``[B,H,W,C]``. Returns ``[B,2H,2W,C]``."""
-    if self.with_conv:
-      # = Conv3x3(repeat(x)) with the same parameters, computed as four 2x2 convs on x (2.25x fewer FLOPs).
-      return layers.UpsampleConv(
+    kit = _layer_kit(self.layers, self.cpu_tree_reductions)
+    if self.with_conv and kit.upsample_conv is not None:
+      return kit.upsample_conv(
         x.shape[-1],
         kernel_init=default_init(1.0),
         bias_init=nn.initializers.zeros,
@@ -414,7 +520,10 @@ class Upsample(nn.Module):
         param_dtype=self.param_dtype,
         name='conv',
       )(x)
-    return jnp.repeat(jnp.repeat(x.astype(self.dtype), 2, axis=1), 2, axis=2)
+    h = jnp.repeat(jnp.repeat(x.astype(self.dtype), 2, axis=1), 2, axis=2)
+    if self.with_conv:
+      h = _conv3x3(x.shape[-1], self.dtype, self.param_dtype, 'conv')(h)
+    return h
 
 
 def _blocks(remat: bool):
@@ -436,12 +545,15 @@ class _TimestepMLP(nn.Module):
   ch: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  layers: str = 'reference'
+  cpu_tree_reductions: bool = False
 
   @nn.compact
   def __call__(self, t: jax.Array) -> jax.Array:
+    kit = _layer_kit(self.layers, self.cpu_tree_reductions)
     emb = get_timestep_embedding(t, self.ch)
-    emb = _nin(4 * self.ch, self.dtype, self.param_dtype, 'dense0')(emb)
-    emb = _nin(4 * self.ch, self.dtype, self.param_dtype, 'dense1')(nn.swish(emb))
+    emb = _nin(kit, 4 * self.ch, self.dtype, self.param_dtype, 'dense0')(emb)
+    emb = _nin(kit, 4 * self.ch, self.dtype, self.param_dtype, 'dense1')(nn.swish(emb))
     return emb  # no activation after dense1 (each block applies swish itself)
 
 
@@ -458,18 +570,19 @@ class _DownLevel(nn.Module):
   dtype: Any
   param_dtype: Any
   remat: bool = False
+  layers: str = 'reference'
+  cpu_tree_reductions: bool = False
 
   @nn.compact
   def __call__(self, h: jax.Array, temb: jax.Array, *, train: bool) -> list:
     """Returns the list of tensors this level appends to the skip stack ``hs``."""
     res_cls, attn_cls = _blocks(self.remat)
+    block = _block_fields(self)
     outs = []
     for j in range(self.num_res_blocks):
-      h = res_cls(self.out_ch, self.dropout, self.num_groups, self.dtype, self.param_dtype, name=f'block_{j}')(
-        h, temb, train
-      )
+      h = res_cls(self.out_ch, self.dropout, name=f'block_{j}', **block)(h, temb, train)
       if h.shape[1] in self.attn_resolutions:  # TF tests the height only
-        h = attn_cls(self.num_groups, self.dtype, self.param_dtype, name=f'attn_{j}')(h)
+        h = attn_cls(name=f'attn_{j}', **block)(h)
       outs.append(h)
     if not self.is_last:
       outs.append(Downsample(self.resamp_with_conv, self.dtype, self.param_dtype, name='downsample')(h))
@@ -484,14 +597,17 @@ class _MidLevel(nn.Module):
   dtype: Any
   param_dtype: Any
   remat: bool = False
+  layers: str = 'reference'
+  cpu_tree_reductions: bool = False
 
   @nn.compact
   def __call__(self, h: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
     C = h.shape[-1]
     res_cls, attn_cls = _blocks(self.remat)
-    h = res_cls(C, self.dropout, self.num_groups, self.dtype, self.param_dtype, name='block_1')(h, temb, train)
-    h = attn_cls(self.num_groups, self.dtype, self.param_dtype, name='attn_1')(h)
-    h = res_cls(C, self.dropout, self.num_groups, self.dtype, self.param_dtype, name='block_2')(h, temb, train)
+    block = _block_fields(self)
+    h = res_cls(C, self.dropout, name='block_1', **block)(h, temb, train)
+    h = attn_cls(name='attn_1', **block)(h)
+    h = res_cls(C, self.dropout, name='block_2', **block)(h, temb, train)
     return h
 
 
@@ -508,22 +624,36 @@ class _UpLevel(nn.Module):
   dtype: Any
   param_dtype: Any
   remat: bool = False
+  layers: str = 'reference'
+  cpu_tree_reductions: bool = False
 
   @nn.compact
   def __call__(self, h: jax.Array, skips: list, temb: jax.Array, *, train: bool) -> jax.Array:
     """``skips`` are given in pop order (the most recent skip first)."""
     assert len(skips) == self.num_res_blocks + 1
     res_cls, attn_cls = _blocks(self.remat)
+    block = _block_fields(self)
     for j, skip in enumerate(skips):
       h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
-      h = res_cls(self.out_ch, self.dropout, self.num_groups, self.dtype, self.param_dtype, name=f'block_{j}')(
-        h, temb, train
-      )
+      h = res_cls(self.out_ch, self.dropout, name=f'block_{j}', **block)(h, temb, train)
       if h.shape[1] in self.attn_resolutions:
-        h = attn_cls(self.num_groups, self.dtype, self.param_dtype, name=f'attn_{j}')(h)
+        h = attn_cls(name=f'attn_{j}', **block)(h)
     if not self.is_first:
-      h = Upsample(self.resamp_with_conv, self.dtype, self.param_dtype, name='upsample')(h)
+      h = Upsample(
+        self.resamp_with_conv,
+        self.dtype,
+        self.param_dtype,
+        layers=self.layers,
+        cpu_tree_reductions=self.cpu_tree_reductions,
+        name='upsample',
+      )(h)
     return h
+
+
+def _block_fields(level: nn.Module) -> dict:
+  """The fields a level passes on to its ResBlocks and attention blocks."""
+  names = ('num_groups', 'dtype', 'param_dtype', 'layers', 'cpu_tree_reductions')
+  return {name: getattr(level, name) for name in names}
 
 
 # ----------------------------------------------------------------------------
@@ -559,6 +689,18 @@ class UNet(nn.Module):
       null class used for classifier-free guidance) to the timestep embedding
       after its MLP, as in Improved DDPM / Ho & Salimans 2022; ``y`` is then
       required. The original TF code had no class conditioning.
+    layers: how the layers are computed, one of `LAYERS` (not what: both give
+      the same parameter tree and, up to float rounding, the same function).
+      ``'reference'`` (default): plain Flax/JAX, the paper's formulation on any
+      backend, differentiable in forward and reverse mode. ``'cpu'``: the layers
+      of :mod:`ddpm_jax.models.cpu_layers`, faster on XLA:CPU; reverse-mode
+      differentiation only, and dropout drops a multiple of 1/65536 (0.100006
+      for 0.1). The commands choose with ``ddpm_jax.cpu_tuning.model_layers``.
+    cpu_tree_reductions: with ``layers='cpu'`` only: compute the GroupNorm sums
+      and the softmax's row max and sum as trees of halvings (faster where XLA:CPU
+      runs reductions on its own kernels). Set when the model is built
+      (``cpu_tuning.model_layers`` reads it from the XLA flags then), never read
+      from the environment while tracing.
   """
 
   ch: int = 128
@@ -573,6 +715,8 @@ class UNet(nn.Module):
   param_dtype: Any = jnp.float32
   remat: bool = False
   num_classes: int = 0
+  layers: str = 'reference'
+  cpu_tree_reductions: bool = False
 
   def __post_init__(self):
     self.check_config()
@@ -580,13 +724,21 @@ class UNet(nn.Module):
 
   @nn.nowrap
   def config_fields(self) -> dict:
-    """The architecture fields as a plain dict (what :func:`validate_unet_config` takes)."""
+    """The architecture fields as a plain dict (what the network computes; :func:`validate_unet_config` takes them).
+
+    Leaves out how it is computed (`layer_fields`): two models that differ only there are the same network.
+    """
     return {name: getattr(self, name) for name in _UNET_FIELDS}
+
+  @nn.nowrap
+  def layer_fields(self) -> dict:
+    """The implementation fields (``layers``, ``cpu_tree_reductions``), e.g. for ``other.clone(**m.layer_fields())``."""
+    return {name: getattr(self, name) for name in _LAYER_FIELDS}
 
   @nn.nowrap
   def check_config(self) -> None:
     """Validates field values; raises ``ValueError``. Builds nothing."""
-    validate_unet_config(**self.config_fields())
+    validate_unet_config(**self.config_fields(), **self.layer_fields())
 
   @nn.nowrap
   def check_input_shape(self, x_shape: Sequence[int], t_shape: Optional[Sequence[int]] = None) -> None:
@@ -630,9 +782,10 @@ class UNet(nn.Module):
     num_levels = len(self.ch_mult)
     # Accept dtype names from configs ('bfloat16') as well as dtype objects.
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    common = dict(num_groups=self.num_groups, dtype=dtype, param_dtype=param_dtype, remat=bool(self.remat))
+    impl = self.layer_fields()
+    common = dict(num_groups=self.num_groups, dtype=dtype, param_dtype=param_dtype, remat=bool(self.remat), **impl)
 
-    temb = _TimestepMLP(self.ch, dtype, param_dtype, name='temb')(t)
+    temb = _TimestepMLP(self.ch, dtype, param_dtype, name='temb', **impl)(t)
     if self.num_classes:
       temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, dtype=dtype, param_dtype=param_dtype, name='label_emb')(
         jnp.asarray(y, jnp.int32)
@@ -667,7 +820,8 @@ class UNet(nn.Module):
       )(h, skips, temb, train=train)
     assert not hs, f'{len(hs)} skip tensors left unused'
 
-    h = nn.swish(_group_norm(h, self.num_groups, param_dtype, 'norm_out', dtype))
+    kit = _layer_kit(self.layers, self.cpu_tree_reductions)
+    h = nn.swish(_group_norm(kit, h, self.num_groups, param_dtype, 'norm_out', dtype))
     h = _conv3x3(self.out_ch, dtype, param_dtype, 'conv_out', init_scale=0.0)(h)
     return h.astype(jnp.float32)
 
@@ -686,12 +840,14 @@ _UNET_FIELDS = (
   'remat',
   'num_classes',
 )
+_LAYER_FIELDS = ('layers', 'cpu_tree_reductions')
 
 
 def _make(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> UNet:
-  unknown = sorted(set(overrides) - set(_UNET_FIELDS))
+  valid = _UNET_FIELDS + _LAYER_FIELDS
+  unknown = sorted(set(overrides) - set(valid))
   if unknown:
-    raise ValueError(f'unknown UNet field(s) {unknown}; valid fields are {list(_UNET_FIELDS)}.')
+    raise ValueError(f'unknown UNet field(s) {unknown}; valid fields are {list(valid)}.')
   fields = {**defaults, **overrides}
   for key in ('ch_mult', 'attn_resolutions'):  # hashable, comparable tuples
     if isinstance(fields[key], list):
@@ -704,7 +860,8 @@ def unet_cifar10(dropout: float = 0.1, dtype: Any = jnp.float32, **overrides) ->
 
   ch=128, ch_mult=(1,2,2,2), num_res_blocks=2, attn_resolutions=(16,),
   dropout=0.1. ``overrides`` may set any other :class:`UNet` field
-  (e.g. ``out_ch=6`` for learned variances); unknown names raise ``ValueError``.
+  (e.g. ``out_ch=6`` for learned variances, ``layers='cpu'``); unknown names
+  raise ``ValueError``. The layers are the reference ones unless ``layers`` says otherwise.
   """
   defaults = dict(
     ch=128,
@@ -725,6 +882,7 @@ def unet_256(dropout: float = 0.0, dtype: Any = jnp.float32, **overrides) -> UNe
 
   ch=128, ch_mult=(1,1,2,2,4,4), num_res_blocks=2, attn_resolutions=(16,),
   dropout=0.0. Space-to-depth (``block_size`` > 1) of the TF code is not supported.
+  ``overrides`` as in :func:`unet_cifar10`.
   """
   defaults = dict(
     ch=128,

@@ -1,26 +1,32 @@
-"""U-Net layers that are faster on XLA:CPU: GroupNorm, Dense (the TF original's ``nin``), attention, dropout and the
-upsampling convolution.
+"""The U-Net's CPU layers (``UNet(layers='cpu')``): GroupNorm, Dense (the TF original's ``nin``), attention,
+dropout and the upsampling convolution, written for XLA:CPU.
+
+`ddpm_jax.models.unet` uses these only when a model is built with ``layers='cpu'``, which the commands choose when
+they compute on XLA:CPU (`ddpm_jax.cpu_tuning.model_layers`); every other model uses the plain Flax layers (the
+``'reference'`` implementation). Both have the same parameter tree. Why each layer here is faster on the CPU, with
+the measurements and their commands, is in BENCHMARKS.md.
 
 GroupNorm, Dense and attention compute exactly what the plain formulas compute (Flax's
 ``GroupNorm(use_fast_variance=False)``, ``Dense``, softmax attention) and keep Flax's parameter names, so
-parameter trees and checkpoints do not change. Their backward passes are written by hand, because what
-``jax.grad`` of the plain formulas hands to XLA runs slowly on XLA:CPU (measured in BENCHMARKS.md; the gradients
-are tested against ``jax.grad`` of the plain formulas in ``tests/test_layers.py``):
+parameter trees and checkpoints do not change. Their backward passes are written by hand (``jax.custom_vjp``),
+because what ``jax.grad`` of the plain formulas hands to XLA runs slowly on XLA:CPU (the gradients are tested
+against ``jax.grad`` of the plain formulas in ``tests/test_layers.py``). A consequence: these layers support
+reverse-mode differentiation only; ``jax.jvp`` / ``jax.jacfwd`` through them raise ``TypeError`` (use the
+reference layers for forward mode).
 
 * **GroupNorm** (NHWC; per example and group of ``C / G`` channels ``y = (x - mean) / sqrt(var + eps) * scale
   + bias``, two-pass variance ``mean((x - mean)**2)`` like ``tf.nn.moments``, statistics in float32).
   Autodiff reduces over ``[B, H, W, G, C/G]`` views several times; here the reductions run over the spatial
-  axes only, to per-channel sums ``[B, C]``, and group sums come from those small arrays (except the forward
-  statistics under XLA:CPU without YNNPACK reductions, see `_stats`). Forward: two
+  axes only, to per-channel sums ``[B, C]``, and group sums come from those small arrays. Forward: two
   reductions and one multiply-add ``y = x * a[b, c] + d[b, c]``; backward: one pass for the per-channel sums
   of ``dy`` and ``dy * x`` and one multiply-add ``dx = dy * p[b, c] + x * q[b, c] + r[b, c]``.
 * **Dense** over the last axis. Autodiff's kernel gradient contracts ``x`` and ``dy`` over their leading axes
   in an operand order for which XLA:CPU first transposes the whole activation gradient; here it is computed
   as ``(dy^T x)^T``, which XLA runs without copying either operand.
 * **Dropout** (not exact: a deviation written down in the README) draws 16 random bits per element instead of
-  Flax's 32 (two elements per 32-bit threefry word), which halves the cost of generating the masks, about 4 % of
-  a training step on the CPU. The drop probability is therefore a multiple of 1/65536: 0.1 becomes 6554/65536 =
-  0.100006 (kept values are scaled by 1 / (1 - that), so the expectation is exact).
+  Flax's 32 (two elements per 32-bit threefry word), which halves the cost of generating the masks. The drop
+  probability is therefore a multiple of 1/65536: 0.1 becomes 6554/65536 = 0.100006 (kept values are scaled by
+  1 / (1 - that), so the expectation is exact).
 * **Attention** ``softmax(q k^T / sqrt(C)) v`` over ``[B, N, C]`` (logits and softmax in float32): the
   backward pass is written as six batched matrix products (autodiff's made XLA:CPU copy-transpose
   activations first) and reuses the saved softmax. Undifferentiated calls (sampling) normalize the softmax after
@@ -28,6 +34,12 @@ are tested against ``jax.grad`` of the plain formulas in ``tests/test_layers.py`
 * **Upsampling convolution** (nearest x2, then 3x3): computed as four 2x2 convolutions of the half-resolution
   input, one per output phase, with the kernel taps that read the same input pixel summed: 2.25x fewer
   multiply-adds, no upsampled copy, and the same parameters as ``flax.linen.Conv``.
+
+**Tree reductions.** With ``tree_reductions=True`` (GroupNorm, attention) the GroupNorm sums and the softmax's row
+max and sum are computed as trees of halvings (`_tree_reduce`) instead of plain reductions: faster where XLA:CPU
+runs reductions on its own kernels (without YNNPACK's reductions, sample.py's XLA:CPU setting), the same result
+up to float32 rounding. It is an argument, set when the model is built (``UNet.cpu_tree_reductions``, from
+`ddpm_jax.cpu_tuning.model_layers`), never read from the environment while tracing.
 """
 
 from __future__ import annotations
@@ -38,8 +50,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-
-from ddpm_jax import cpu_tuning
 
 __all__ = [
   'GroupNorm',
@@ -66,17 +76,12 @@ def _per_channel(g: jax.Array, c: int) -> jax.Array:
   return jnp.repeat(g, c // groups, axis=1)
 
 
-def _xla_cpu_reductions() -> bool:
-  """Whether reductions run on XLA:CPU's own kernels (CPU without YNNPACK reductions: the 'inference' setting)."""
-  return jax.default_backend() == 'cpu' and not cpu_tuning.ynn_reductions()
-
-
 def _tree_reduce(a: jax.Array, axis: int, op: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
   """Reduces ``axis`` to size 1 as a pairwise tree of element-wise ``op``s of slices (log2 n halvings).
 
   XLA:CPU's own reduction kernels are slow for the reductions of this model (the GroupNorm statistics, the
   softmax's row max and sum); the same reduction as halvings, which XLA fuses into vectorized element-wise
-  loops, is 2-3x faster there (`_reduce`). For ``add`` it is pairwise summation.
+  loops, is faster there (`_reduce`; BENCHMARKS.md). For ``add`` it is pairwise summation.
   """
   while a.shape[axis] > 1:
     n = a.shape[axis]
@@ -90,56 +95,54 @@ def _tree_reduce(a: jax.Array, axis: int, op: Callable[[jax.Array, jax.Array], j
 _PLAIN_REDUCTION = {jnp.add: jnp.sum, jnp.maximum: jnp.max}
 
 
-def _reduce(a: jax.Array, axis: int, op: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+def _reduce(a: jax.Array, axis: int, op: Callable[[jax.Array, jax.Array], jax.Array], tree: bool) -> jax.Array:
   """``a`` reduced over ``axis`` with ``op`` (``jnp.add`` or ``jnp.maximum``), the axis kept with size 1.
 
-  With XLA:CPU's own reductions (`_xla_cpu_reductions`) as a tree of halvings (`_tree_reduce`): the statistics
-  of one 32x32x128 GroupNorm at batch 32 took about 2.3 ms as a reduction on the 2-core development machine and
-  1 ms as a tree. Everywhere else (YNNPACK's reductions, GPU, TPU) a plain reduction. The same result up to
-  float32 rounding.
+  As a tree of halvings (`_tree_reduce`) if ``tree`` (faster with XLA:CPU's own reduction kernels, BENCHMARKS.md),
+  else a plain reduction. The same result up to float32 rounding.
   """
-  if _xla_cpu_reductions():
+  if tree:
     return _tree_reduce(a, axis, op)
   return _PLAIN_REDUCTION[op](a, axis=axis, keepdims=True)
 
 
-def _sum_hw(x: jax.Array) -> jax.Array:
+def _sum_hw(x: jax.Array, tree: bool) -> jax.Array:
   """[B, H, W, C] -> [B, C]: per-channel sums over the image (`_reduce`)."""
   b, h, w, c = x.shape
-  return _reduce(x.reshape(b, h * w, c), 1, jnp.add)[:, 0]
+  return _reduce(x.reshape(b, h * w, c), 1, jnp.add, tree)[:, 0]
 
 
-def _stats(x: jax.Array, groups: int, eps: float):
+def _stats(x: jax.Array, groups: int, eps: float, tree: bool):
   """Mean and 1/sqrt(var + eps) per (example, group), each [B, G], with the two-pass variance."""
   b, h, w, c = x.shape
   n = h * w * (c // groups)
-  mean = _group_sum(_sum_hw(x), groups) / n
+  mean = _group_sum(_sum_hw(x, tree), groups) / n
   centered = x - _per_channel(mean, c)[:, None, None, :]
-  var = _group_sum(_sum_hw(jnp.square(centered)), groups) / n
+  var = _group_sum(_sum_hw(jnp.square(centered), tree), groups) / n
   return mean, jax.lax.rsqrt(var + eps)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, eps: float) -> jax.Array:
-  return _group_norm_fwd(x, scale, bias, groups, eps)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, eps: float, tree: bool) -> jax.Array:
+  return _group_norm_fwd(x, scale, bias, groups, eps, tree)[0]
 
 
-def _group_norm_fwd(x, scale, bias, groups, eps):
+def _group_norm_fwd(x, scale, bias, groups, eps, tree):
   c = x.shape[-1]
-  mean, rstd = _stats(x, groups, eps)
+  mean, rstd = _stats(x, groups, eps, tree)
   a = _per_channel(rstd, c) * scale  # [B, C]
   d = bias - _per_channel(mean, c) * a
   y = x * a[:, None, None, :] + d[:, None, None, :]
   return y, (x, scale, mean, rstd)
 
 
-def _group_norm_bwd(groups, eps, res, dy):
+def _group_norm_bwd(groups, eps, tree, res, dy):
   del eps
   x, scale, mean, rstd = res
   b, h, w, c = x.shape
   n = h * w * (c // groups)
-  sum_dy = _sum_hw(dy)  # [B, C]
-  sum_dy_x = _sum_hw(dy * x)  # [B, C]
+  sum_dy = _sum_hw(dy, tree)  # [B, C]
+  sum_dy_x = _sum_hw(dy * x, tree)  # [B, C]
   mean_c, rstd_c = _per_channel(mean, c), _per_channel(rstd, c)
   # sum over H, W of dy * xhat, with xhat = (x - mean) * rstd.
   sum_dy_xhat = rstd_c * (sum_dy_x - mean_c * sum_dy)  # [B, C]
@@ -159,8 +162,18 @@ def _group_norm_bwd(groups, eps, res, dy):
 _group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
-def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, num_groups: int, eps: float = 1e-6) -> jax.Array:
-  """Functional GroupNorm of NHWC ``x`` (float32), ``scale`` and ``bias`` of shape ``[C]``.
+def group_norm(
+  x: jax.Array,
+  scale: jax.Array,
+  bias: jax.Array,
+  *,
+  num_groups: int,
+  eps: float = 1e-6,
+  tree_reductions: bool = False,
+) -> jax.Array:
+  """Functional GroupNorm of NHWC ``x`` (float32), ``scale`` and ``bias`` of shape ``[C]``; returns ``x``'s shape.
+
+  ``tree_reductions``: sum over the image as trees of halvings (see the module docstring).
 
   Raises:
     ValueError: if ``x`` is not 4-D or its channels are not divisible by ``num_groups``.
@@ -169,7 +182,7 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, num_groups: i
     raise ValueError(f'group_norm expects NHWC input, got shape {x.shape}.')
   if num_groups <= 0 or x.shape[-1] % num_groups:
     raise ValueError(f'group_norm: {x.shape[-1]} channels are not divisible by num_groups={num_groups}.')
-  return _group_norm(x, scale, bias, num_groups, float(eps))
+  return _group_norm(x, scale, bias, num_groups, float(eps), bool(tree_reductions))
 
 
 class GroupNorm(nn.Module):
@@ -179,11 +192,13 @@ class GroupNorm(nn.Module):
     num_groups: number of channel groups (divides C).
     epsilon: added to the variance.
     param_dtype: dtype of ``scale`` (init 1) and ``bias`` (init 0).
+    tree_reductions: sums over the image as trees of halvings (see the module docstring).
   """
 
   num_groups: int = 32
   epsilon: float = 1e-6
   param_dtype: Any = jnp.float32
+  tree_reductions: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -196,6 +211,7 @@ class GroupNorm(nn.Module):
       bias.astype(jnp.float32),
       num_groups=self.num_groups,
       eps=self.epsilon,
+      tree_reductions=self.tree_reductions,
     )
 
 
@@ -344,8 +360,7 @@ def _softmax_weights(q, k):
   return jax.nn.softmax(_bmm(q, k, 2, 2) * scale, axis=-1)  # [B, N, N] float32
 
 
-@jax.custom_vjp
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, tree_reductions: bool = False) -> jax.Array:
   """Single-head attention ``softmax(q k^T / sqrt(C)) v`` of ``[B, N, C]`` arrays.
 
   Logits and softmax are float32 (bf16 softmax over N keys is too coarse); the weights are cast to ``v``'s
@@ -353,23 +368,29 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
   Without differentiation (sampling) the softmax is normalized after the second product, ``(e v) / s`` with
   ``e = exp(l - max l)`` and ``s`` its row sums, and ``q`` is scaled before the first: one pass less over the
-  ``[B, N, N]`` weights (about 3 of 15 ms per attention block at batch 32 on the 2-core CPU). The row max and
-  sum are trees of halvings with XLA:CPU's own reductions (`_reduce`; 11.5 -> 9.8 ms per block there).
+  ``[B, N, N]`` weights. With ``tree_reductions`` the row max and sum there are trees of halvings (`_reduce`).
   Under differentiation the forward pass keeps the normalized weights, which the backward pass reuses.
   """
+  return _attention(q, k, v, bool(tree_reductions))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, tree: bool) -> jax.Array:
   logits = _bmm(q * jnp.asarray(float(q.shape[-1]) ** -0.5, q.dtype), k, 2, 2)  # float32 [B, N, N]
-  e = jnp.exp(logits - _reduce(logits, 2, jnp.maximum))
-  out = _bmm(e.astype(v.dtype), v, 2, 1) / _reduce(e, 2, jnp.add)
+  e = jnp.exp(logits - _reduce(logits, 2, jnp.maximum, tree))
+  out = _bmm(e.astype(v.dtype), v, 2, 1) / _reduce(e, 2, jnp.add, tree)
   return out.astype(v.dtype)
 
 
-def _attention_fwd(q, k, v):
+def _attention_fwd(q, k, v, tree):
+  del tree  # the saved weights come from jax.nn.softmax
   w = _softmax_weights(q, k)
   out = _bmm(w.astype(v.dtype), v, 2, 1).astype(v.dtype)
   return out, (q, k, v, w)
 
 
-def _attention_bwd(res, dout):
+def _attention_bwd(tree, res, dout):
+  del tree
   q, k, v, w = res
   scale = float(q.shape[-1]) ** -0.5
   dv = _bmm(w.astype(v.dtype), dout, 1, 1)  # w^T dout
@@ -380,7 +401,7 @@ def _attention_bwd(res, dout):
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-attention.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 # ----------------------------------------------------------------------------
