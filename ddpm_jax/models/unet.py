@@ -335,7 +335,7 @@ class _LayerKit:
       the input's dtype (float32 or wider).
     dense: module class with ``nn.Dense``'s signature.
     attention: ``(q, k, v) -> out`` on ``[B, N, C]`` arrays.
-    dropout: module class called as ``(rate=)``, drawing from the ``'dropout'`` RNG stream.
+    dropout: module class called as ``(rate=, deterministic=)``, drawing from the ``'dropout'`` RNG stream.
     upsample_conv: module class with ``nn.Conv``'s parameters that computes ``conv3x3(upsample_x2(x))`` from the
       half-resolution ``x``; None: upsample by pixel repetition, then ``nn.Conv``.
   """
