@@ -19,7 +19,7 @@ import json
 
 from absl import app, flags
 
-from ddpm_jax import cpu_tuning, editing, loading
+from ddpm_jax import cli, cpu_tuning, editing, loading, paths
 
 _MODE = flags.DEFINE_enum('mode', None, editing.MODES, 'inpaint (RePaint) or sdedit.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (its EMA parameters).')
@@ -57,6 +57,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cpu_tuning.tune_cpu('inference')  # faster XLA:CPU kernels for sampling; no effect on GPU/TPU
+  paths.check_output_dir(_OUT.value, '--out')  # before the model is loaded
   loaded = loading.load_model(workdir=_WORKDIR.value, pretrained=_PRETRAINED.value, step=_STEP.value)
   images, source = editing.load_images(
     image=_IMAGE.value,
@@ -87,5 +88,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cpu_tuning.restart_with_malloc_tuning()  # glibc malloc with huge pages on CPU hosts (ddpm_jax.cpu_tuning)
-  app.run(main)
+  cli.run(main)  # user errors as one `error:` line, exit status 2 (ddpm_jax.cli)

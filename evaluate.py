@@ -17,7 +17,8 @@ import os
 
 from absl import app, flags
 
-from ddpm_jax import cpu_tuning, evaluation
+from ddpm_jax import cli, cpu_tuning, evaluation, paths
+from ddpm_jax import workdir as workdir_lib
 
 _METRIC = flags.DEFINE_enum(
   'metric',
@@ -39,7 +40,12 @@ _REF_FOLDER = flags.DEFINE_string('ref_folder', '', '[fid] Image folder as refer
 _WORKDIR = flags.DEFINE_string('workdir', None, '[bpd, class_accuracy] Training workdir (EMA parameters).')
 _PRETRAINED = flags.DEFINE_string('pretrained', None, '[bpd] Released model instead of --workdir.')
 _STEP = flags.DEFINE_integer('step', None, '[bpd, class_accuracy] Checkpoint step (default newest).')
-_DATASET = flags.DEFINE_string('dataset', 'cifar10', '[bpd] Dataset (tfds name, digits or folder).')
+_DATASET = flags.DEFINE_string(
+  'dataset',
+  None,
+  "[bpd] Dataset (tfds name, digits or folder; default: the workdir's own data, cifar10 for a released CIFAR-10 "
+  'model).',
+)
 _SPLIT = flags.DEFINE_string('split', 'test', '[bpd] Split.')
 _FOLDER = flags.DEFINE_string('folder', '', '[bpd] Image folder for --dataset folder.')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', None, '[bpd] Evaluate only the first N images.')
@@ -57,6 +63,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cpu_tuning.tune_cpu('inference')  # faster XLA:CPU kernels for sampling; no effect on GPU/TPU
+  if _OUT.value:
+    paths.check_output_file(_OUT.value, '--out', extensions=('.json',))
   if _METRIC.value == 'fid':
     missing = [n for n, f in (('--samples', _SAMPLES), ('--ref_stats', _REF_STATS)) if not f.value]
     if missing:
@@ -92,20 +100,25 @@ def main(argv):
     for r in result['results']:
       print(f'guidance_scale {r["guidance_scale"]:g}: accuracy {r["accuracy"]:.3f}')
   else:
+    data = workdir_lib.resolve_data_source(
+      workdir=_WORKDIR.value,
+      pretrained=_PRETRAINED.value,
+      dataset=_DATASET.value,
+      folder=_FOLDER.value,
+      data_dir=_DATA_DIR.value,
+    )
     result = evaluation.run_bpd(
       workdir=_WORKDIR.value,
       pretrained=_PRETRAINED.value,
       step=_STEP.value,
-      dataset=_DATASET.value,
       split=_SPLIT.value,
-      folder=_FOLDER.value,
-      data_dir=_DATA_DIR.value,
       batch_size=_BATCH_SIZE.value,
       num_images=_NUM_IMAGES.value,
       seed=_SEED.value,
+      **data,
     )
     out = _OUT.value or os.path.join(
-      _WORKDIR.value or '.', f'bpd_{_DATASET.value.replace("/", "_")}_{_SPLIT.value}.json'
+      _WORKDIR.value or '.', f'bpd_{data["dataset"].replace("/", "_")}_{_SPLIT.value}.json'
     )
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, 'w') as f:
@@ -115,5 +128,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cpu_tuning.restart_with_malloc_tuning()  # glibc malloc with huge pages on CPU hosts (ddpm_jax.cpu_tuning)
-  app.run(main)
+  cli.run(main)  # user errors as one `error:` line, exit status 2 (ddpm_jax.cli)

@@ -18,13 +18,19 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from ddpm_jax import cpu_tuning, figures, input_pipeline, loading
+from ddpm_jax import cli, cpu_tuning, figures, input_pipeline, loading, paths
+from ddpm_jax import workdir as workdir_lib
 
 _FIGURE = flags.DEFINE_enum('figure', None, figures.FIGURES, 'Which figure.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (EMA parameters).')
 _PRETRAINED = flags.DEFINE_string('pretrained', None, 'Released model instead of --workdir.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default newest).')
-_DATASET = flags.DEFINE_string('dataset', 'cifar10', 'Real images for forward/reconstruct/interpolate/rate_distortion.')
+_DATASET = flags.DEFINE_string(
+  'dataset',
+  None,
+  "Real images for forward/reconstruct/interpolate/rate_distortion (default: the workdir's own data; cifar10 "
+  'for a released CIFAR-10 model).',
+)
 _SPLIT = flags.DEFINE_string('split', 'test', 'Split of the real images.')
 _FOLDER = flags.DEFINE_string('folder', '', 'Image folder for --dataset folder.')
 _DATA_DIR = flags.DEFINE_string('data_dir', '', 'tfds data_dir.')
@@ -38,17 +44,32 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cpu_tuning.tune_cpu('inference')  # faster XLA:CPU kernels for sampling; no effect on GPU/TPU
+  out = paths.check_output_file(_OUT.value, '--out', extensions=('.png',))
+  if _NUM_IMAGES.value < 1:
+    raise app.UsageError(f'--num_images={_NUM_IMAGES.value} must be positive (the rows of the figure).')
+  if _FIGURE.value == 'interpolate' and _NUM_IMAGES.value < 2:
+    raise app.UsageError(
+      f'--figure interpolate mixes pairs of images: --num_images must be >= 2, got {_NUM_IMAGES.value}.'
+    )
+  if _FIGURE.value != 'progressive':  # the real images: this model's own data unless --dataset says otherwise
+    data = workdir_lib.resolve_data_source(
+      workdir=_WORKDIR.value,
+      pretrained=_PRETRAINED.value,
+      dataset=_DATASET.value,
+      folder=_FOLDER.value,
+      data_dir=_DATA_DIR.value,
+    )
   loaded = loading.load_model(workdir=_WORKDIR.value, pretrained=_PRETRAINED.value, step=_STEP.value)
   if _FIGURE.value != 'progressive':
     images = next(
       input_pipeline.eval_images(
-        _DATASET.value,
+        data['dataset'],
         split=_SPLIT.value,
         image_size=loaded.image_size,
         channels=loaded.in_channels,
         batch_size=_NUM_IMAGES.value,
-        folder=_FOLDER.value,
-        data_dir=_DATA_DIR.value,
+        folder=data['folder'],
+        data_dir=data['data_dir'],
         num_images=_NUM_IMAGES.value,
       )
     )
@@ -60,7 +81,7 @@ def main(argv):
     params=loaded.params,
     schedule=loaded.schedule,
     images=images,
-    out=_OUT.value,
+    out=out,
     key=jax.random.key(_SEED.value),
     sample_kwargs=loaded.sample_kwargs(),
     num_images=_NUM_IMAGES.value,
@@ -69,5 +90,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cpu_tuning.restart_with_malloc_tuning()  # glibc malloc with huge pages on CPU hosts (ddpm_jax.cpu_tuning)
-  app.run(main)
+  cli.run(main)  # user errors as one `error:` line, exit status 2 (ddpm_jax.cli)

@@ -15,7 +15,7 @@ with any --batch_size. Rerunning an interrupted command resumes: finished shards
 
 from absl import app, flags, logging
 
-from ddpm_jax import cpu_tuning, sample_lib
+from ddpm_jax import cli, cpu_tuning, sample_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to sample from (its EMA parameters).')
 _PRETRAINED = flags.DEFINE_string(
@@ -84,5 +84,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cpu_tuning.restart_with_malloc_tuning()  # glibc malloc with huge pages on CPU hosts (ddpm_jax.cpu_tuning)
-  app.run(main)
+  cli.run(main)  # user errors as one `error:` line, exit status 2 (ddpm_jax.cli)

@@ -10,20 +10,25 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from ddpm_jax import cpu_tuning  # standard library only: loads nothing heavy
+from ddpm_jax import cli  # absl and the standard library only: loads nothing heavy
+from ddpm_jax import cpu_tuning
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(
   'config', os.path.join(_HERE, 'configs', 'digits.py'), 'Training config file (configs/*.py).', lock_config=True
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (default: runs/<config file name>).')
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+  'allow_config_change',
+  False,
+  'Resume a workdir even if the config changes what its checkpoints mean (diffusion, architecture, data; '
+  'see docs/training.md). Without it such a change is refused.',
+)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # Keep TensorFlow (tf.data only) off the accelerators before anything imports it.
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   cpu_tuning.tune_cpu('train')  # faster XLA:CPU kernels for training; no effect on GPU/TPU
   from ddpm_jax import train_lib  # pylint: disable=g-import-not-at-top
 
@@ -31,9 +36,8 @@ def main(argv):
   if workdir is None:
     name = os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0]
     workdir = os.path.join('runs', name)
-  train_lib.train_and_evaluate(flags.FLAGS.config, workdir)
+  train_lib.train_and_evaluate(flags.FLAGS.config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 
 
 if __name__ == '__main__':
-  cpu_tuning.restart_with_malloc_tuning()  # glibc malloc with huge pages on CPU hosts (ddpm_jax.cpu_tuning)
-  app.run(main)
+  cli.run(main)  # user errors as one `error:` line, exit status 2 (ddpm_jax.cli)

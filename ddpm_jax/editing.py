@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion, sampling
+from ddpm_jax import diffusion, errors, paths, sampling
 from ddpm_jax.diffusion import DenoiseFn, MeanType, VarType
 from ddpm_jax.schedule import Schedule
 
@@ -61,9 +61,9 @@ def repaint_path(num_timesteps: int, *, jump_length: int = 1, jump_n_sample: int
   """
   for name, value in (('num_timesteps', num_timesteps), ('jump_length', jump_length), ('jump_n_sample', jump_n_sample)):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-      raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+      raise errors.UserError(f'{name} must be a positive integer, got {value!r}.')
   if jump_n_sample > 1 and jump_length >= num_timesteps:
-    raise ValueError(
+    raise errors.UserError(
       f'jump_length={jump_length} leaves no resampling point in T = {num_timesteps} steps; '
       f'use a jump_length below {num_timesteps}, or jump_n_sample=1 for no jumps.'
     )
@@ -229,7 +229,7 @@ def preset_mask(name: str, image_size: int) -> np.ndarray:
   side.
   """
   if name not in MASK_PRESETS:
-    raise ValueError(f'Unknown mask preset {name!r}; choose one of {MASK_PRESETS} or give a PNG path.')
+    raise errors.UserError(f'Unknown mask preset {name!r}; choose one of {MASK_PRESETS} or give a PNG path.')
   s, h = image_size, image_size // 2
   m = np.zeros((s, s, 1), bool)
   if name == 'left':
@@ -254,7 +254,7 @@ def load_mask(spec: str, image_size: int) -> np.ndarray:
   if spec in MASK_PRESETS:
     return preset_mask(spec, image_size)
   if not os.path.isfile(spec):
-    raise ValueError(f'--mask {spec!r} is neither a preset {MASK_PRESETS} nor an existing image file.')
+    raise errors.UserError(f'--mask {spec!r} is neither a preset {MASK_PRESETS} nor an existing image file.')
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   with Image.open(spec) as im:
@@ -295,30 +295,30 @@ class EditSpec:
   def validate(self, num_timesteps: int) -> None:
     """Raises ValueError naming the bad value and the fix (before anything compiles)."""
     if self.mode not in MODES:
-      raise ValueError(f'Unknown --mode {self.mode!r}; choose one of {MODES}.')
+      raise errors.UserError(f'Unknown --mode {self.mode!r}; choose one of {MODES}.')
     if not isinstance(self.num_samples, int) or self.num_samples < 1:
-      raise ValueError(f'--num_samples must be a positive integer, got {self.num_samples!r}.')
+      raise errors.UserError(f'--num_samples must be a positive integer, got {self.num_samples!r}.')
     if self.mode == 'inpaint':
       if not self.mask:
-        raise ValueError(
+        raise errors.UserError(
           f'--mode inpaint needs --mask: a preset {MASK_PRESETS} or a PNG whose white pixels mark '
           'the region to regenerate.'
         )
       if self.t_start is not None:
-        raise ValueError('--t_start applies to --mode sdedit only; inpainting always starts from noise.')
+        raise errors.UserError('--t_start applies to --mode sdedit only; inpainting always starts from noise.')
       repaint_path(num_timesteps, jump_length=self.jump_length, jump_n_sample=self.jump_n_sample)
     else:
       if self.t_start is None:
-        raise ValueError(
+        raise errors.UserError(
           f'--mode sdedit needs --t_start in [0, {num_timesteps - 1}] (e.g. {num_timesteps // 2 - 1}:'
           ' lower keeps more of the input).'
         )
       if not 0 <= self.t_start < num_timesteps:
-        raise ValueError(
+        raise errors.UserError(
           f'--t_start={self.t_start} must lie in [0, {num_timesteps - 1}] (code timesteps; paper time is t_start + 1).'
         )
       if self.mask is not None or self.jump_length != 1 or self.jump_n_sample != 1:
-        raise ValueError('--mask, --jump_length and --jump_n_sample apply to --mode inpaint only.')
+        raise errors.UserError('--mask, --jump_length and --jump_n_sample apply to --mode inpaint only.')
 
 
 def _write_settings(out_dir: str, settings: dict) -> None:
@@ -332,7 +332,7 @@ def _write_settings(out_dir: str, settings: dict) -> None:
       diff = {
         k: (old.get(k), settings.get(k)) for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)
       }
-      raise ValueError(f'{out_dir!r} holds results of other settings {diff} (old, new); choose another --out.')
+      raise errors.UserError(f'{out_dir!r} holds results of other settings {diff} (old, new); choose another --out.')
   with open(path + '.tmp', 'w') as f:
     json.dump(settings, f, indent=2, sort_keys=True)
   os.replace(path + '.tmp', path)
@@ -381,11 +381,10 @@ def run(
   # pylint: disable-next=g-import-not-at-top
   from ddpm_jax import image_grid, input_pipeline, loading
 
-  if not out_dir:
-    raise ValueError('--out is required: the folder to write the results into.')
+  paths.check_output_dir(out_dir, '--out')
   images = np.asarray(images)
   if images.ndim != 4 or images.dtype != np.uint8 or not len(images):
-    raise ValueError(f'images must be uint8 [N, S, S, C] with N >= 1, got {images.dtype} {images.shape}.')
+    raise errors.UserError(f'images must be uint8 [N, S, S, C] with N >= 1, got {images.dtype} {images.shape}.')
   if loaded is None:
     loaded = loading.load_model(workdir=workdir, pretrained=pretrained, step=step)
   big_t = loaded.schedule.num_timesteps
@@ -402,10 +401,13 @@ def run(
   spec.validate(big_t)
   k = getattr(loaded.model, 'num_classes', 0)
   label = class_label if class_label is not None or not k else loaded.model.null_label()
-  loading.check_conditioning(loaded.model, label, guidance_scale)
+  try:  # --class_label / --guidance_scale against this model
+    loading.check_conditioning(loaded.model, label, guidance_scale)
+  except ValueError as e:
+    raise errors.UserError(str(e)) from None
   want = (loaded.image_size, loaded.image_size, loaded.in_channels)
   if images.shape[1:] != want:
-    raise ValueError(
+    raise errors.UserError(
       f'images are {images.shape[1:]} but the model takes {want}; resize them first '
       '(input_pipeline.load_image_file does).'
     )
@@ -495,13 +497,15 @@ def load_images(
   from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
   if (image is None) == (dataset is None):
-    raise ValueError('Pass exactly one of --image (a PNG/JPEG file) and --dataset (digits, cifar10, folder, ...).')
+    raise errors.UserError(
+      'Pass exactly one of --image (a PNG/JPEG file) and --dataset (digits, cifar10, folder, ...).'
+    )
   if image is not None:
     if not os.path.isfile(image):
-      raise ValueError(f'--image {image!r} is not a file; pass a PNG or JPEG image.')
+      raise errors.UserError(f'--image {image!r} is not a file; pass a PNG or JPEG image.')
     return input_pipeline.load_image_file(image, image_size, channels)[None], image
   if num_images < 1:
-    raise ValueError(f'--num_images must be positive, got {num_images}.')
+    raise errors.UserError(f'--num_images must be positive, got {num_images}.')
   batch = next(
     input_pipeline.eval_images(
       dataset,

@@ -37,6 +37,7 @@ import scipy.special
 from tqdm.auto import tqdm
 
 from ddpm_jax import data_parallel
+from ddpm_jax import errors
 from ddpm_jax import inception as inception_lib
 from ddpm_jax import input_pipeline
 from ddpm_jax import loading
@@ -574,13 +575,13 @@ def run_fid(
   if inception_weights is None:  # the standard file, downloaded once into the cache (needs the network)
     inception_weights = inception_lib.fetch_inception_weights()
   if not os.path.isfile(inception_weights):
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
       f"Inception weights {inception_weights!r} not found. Download pytorch-fid's "
       f'pt_inception-2015-12-05-6726825d.pth (see ddpm_jax.inception.fetch_inception_weights) and pass its path.'
     )
   samples = sample_lib.load_samples(samples_dir)
   if samples.shape[-1] != 3:
-    raise ValueError(f'FID needs RGB samples; {samples_dir!r} holds images of shape {samples.shape[1:]}.')
+    raise errors.UserError(f'FID needs RGB samples; {samples_dir!r} holds images of shape {samples.shape[1:]}.')
   feature_fn = make_feature_fn(inception_lib.load_inception_params(inception_weights), batch_size)
   if not os.path.exists(ref_stats):
     dataset = 'folder' if ref_folder else ref_dataset
@@ -621,6 +622,10 @@ def run_bpd(
   Returns:
     {'bpd', 'num_images', 'prior_bpd', 'decoder_bpd', 'terms_bpd' (list of T), 'mse' (list of T), 'source'}.
   """
+  if num_images is not None and num_images < 1:
+    raise errors.UserError(f'--num_images={num_images} must be positive (or left out for the whole split).')
+  if batch_size < 1:
+    raise errors.UserError(f'--batch_size={batch_size} must be positive.')
   loaded = loading.load_model(workdir=workdir, pretrained=pretrained, step=step)
   batches = input_pipeline.eval_images(
     dataset,
@@ -723,17 +728,17 @@ def run_class_accuracy(
 
   scales = [float(w) for w in guidance_scales]
   if not scales or min(scales) < 0:
-    raise ValueError(f'guidance_scales must be a non-empty list of numbers >= 0, got {scales}.')
+    raise errors.UserError(f'guidance_scales must be a non-empty list of numbers >= 0, got {scales}.')
   if num_samples < 1 or batch_size < 1:
-    raise ValueError(f'num_samples and batch_size must be positive, got {num_samples} and {batch_size}.')
+    raise errors.UserError(f'num_samples and batch_size must be positive, got {num_samples} and {batch_size}.')
   loaded = loading.load_model(workdir=workdir, step=step)
   if not getattr(loaded.model, 'num_classes', 0):
-    raise ValueError(
+    raise errors.UserError(
       f'{workdir!r} holds an unconditional model (model.num_classes=0); class accuracy needs a '
       'class-conditional run such as configs/digits_cond.py.'
     )
   if (loaded.image_size, loaded.in_channels) != (8, 1):
-    raise ValueError(
+    raise errors.UserError(
       f'The digits classifier scores 8x8 grey images; {workdir!r} makes '
       f'{loaded.image_size}x{loaded.image_size}x{loaded.in_channels}.'
     )

@@ -23,6 +23,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from ddpm_jax import errors
+
 # Datasets this module knows: name -> (tfds name or None, natural channels).
 TFDS_DATASETS = {
   'cifar10': 'cifar10',
@@ -32,10 +34,21 @@ TFDS_DATASETS = {
   'lsun/cat': 'lsun/cat',
 }
 DATASETS = tuple(TFDS_DATASETS) + ('digits', 'folder')
+_PRETTY = {
+  'cifar10': 'CIFAR-10',
+  'celeb_a_hq/256': 'CelebA-HQ 256x256',
+  'lsun/church_outdoor': 'LSUN church_outdoor',
+  'lsun/bedroom': 'LSUN bedroom',
+  'lsun/cat': 'LSUN cat',
+}
 # Datasets with class labels (for class-conditional training) and their number of classes; a folder's classes
 # are its sub-folders (see `load_folder_labeled`).
 LABELED_DATASETS = {'cifar10': 10, 'digits': 10, 'folder': None}
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+# How many unreadable files of a folder one error message lists by path (it counts the rest).
+MAX_LISTED_BAD_FILES = 20
+# PIL modes of 16-bit greyscale PNGs (PIL reads 16-bit RGB PNGs as 8-bit 'RGB', keeping each value's high byte).
+_GREY16_MODES = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -164,20 +177,66 @@ def list_image_files(folder: str) -> list[str]:
 
 
 def load_folder(folder: str, image_size: int, channels: int = 3) -> np.ndarray:
-  """Every PNG/JPEG under ``folder``, center-cropped and resized, as uint8 [N, S, S, channels]."""
+  """Every PNG/JPEG under ``folder``, center-cropped and resized, as uint8 [N, S, S, channels].
+
+  Each file is decoded once, completely; files that cannot be read (truncated, not an image, an unsupported
+  mode) do not stop the loop: they are all reported together, by path, in one `errors.BadImageFilesError`.
+  """
   paths = list_image_files(folder)
   if not paths:
-    raise ValueError(f'No PNG/JPEG images found under {folder!r}.')
-  return np.stack([load_image_file(p, image_size, channels) for p in paths])
+    raise errors.UserError(f'No PNG/JPEG images found under {folder!r}.')
+  images, bad = [], []
+  for p in paths:
+    try:
+      images.append(load_image_file(p, image_size, channels))
+    except errors.BadImageFilesError as e:
+      bad.append(e.args[0])
+  if bad:
+    listed = '; '.join(bad[:MAX_LISTED_BAD_FILES])
+    more = f'; and {len(bad) - MAX_LISTED_BAD_FILES} more' if len(bad) > MAX_LISTED_BAD_FILES else ''
+    raise errors.BadImageFilesError(
+      f'{len(bad)} of the {len(paths)} image files under {folder!r} cannot be used: {listed}{more}. '
+      'Fix or remove them (or move them out of the folder).'
+    )
+  return np.stack(images)
 
 
 def load_image_file(path: str, image_size: int, channels: int = 3) -> np.ndarray:
-  """One PNG/JPEG file, converted to grey or RGB, center-cropped and resized, as uint8 [S, S, channels]."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  """One PNG/JPEG file, converted to grey or RGB, center-cropped and resized, as uint8 [S, S, channels].
 
-  with Image.open(path) as im:
-    im = im.convert('L' if channels == 1 else 'RGB')
-    return _resize_uint8(np.asarray(im), image_size, channels)
+  16-bit greyscale PNGs are scaled to 0..255 as round(v * 255 / 65535); 16-bit RGB PNGs keep each value's
+  high byte (PIL's reading, within one level of the same scaling).
+
+  Raises:
+    errors.BadImageFilesError: the file cannot be decoded completely (truncated, not an image) or has a mode
+      that cannot be converted; the message starts with the path.
+  """
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+
+  try:
+    with Image.open(path) as im:
+      im.load()  # decode everything now: a truncated file fails here, with its name
+      if im.mode in _GREY16_MODES:
+        image = _grey16_to_uint8(np.asarray(im), path)
+        return _resize_uint8(image, image_size, channels)
+      im = im.convert('L' if channels == 1 else 'RGB')
+      return _resize_uint8(np.asarray(im), image_size, channels)
+  except UnidentifiedImageError:
+    raise errors.BadImageFilesError(f'{path} (not a PNG/JPEG image PIL can read)') from None
+  except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated data, broken chunks, odd modes
+    if isinstance(e, errors.BadImageFilesError):
+      raise
+    raise errors.BadImageFilesError(f'{path} ({type(e).__name__}: {e})') from None
+
+
+def _grey16_to_uint8(values: np.ndarray, path: str) -> np.ndarray:
+  """A 16-bit grey image (PIL mode I;16 or I) -> uint8, round(v * 255 / 65535)."""
+  values = values.astype(np.int64)
+  if values.size and (values.min() < 0 or values.max() > 65535):
+    raise errors.BadImageFilesError(
+      f'{path} (32-bit grey values {values.min()}..{values.max()} outside the 16-bit range 0..65535)'
+    )
+  return ((values * 255 + 32767) // 65535).astype(np.uint8)
 
 
 def load_folder_labeled(folder: str, image_size: int, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -188,7 +247,7 @@ def load_folder_labeled(folder: str, image_size: int, channels: int = 3) -> tupl
   """
   classes = folder_classes(folder)
   if not classes:
-    raise ValueError(
+    raise errors.UserError(
       f'{folder!r} has no sub-folders with images; class-conditional training on a folder needs '
       'one sub-folder per class (folder/<class name>/*.png).'
     )
@@ -197,7 +256,7 @@ def load_folder_labeled(folder: str, image_size: int, channels: int = 3) -> tupl
   top = [os.path.relpath(p, folder).split(os.sep)[0] for p in paths]
   stray = [p for p, t in zip(paths, top) if t not in classes]
   if stray:
-    raise ValueError(
+    raise errors.UserError(
       f'{len(stray)} images of {folder!r} lie outside the class sub-folders (e.g. {stray[0]!r}); '
       'move them into a class folder.'
     )
@@ -205,14 +264,53 @@ def load_folder_labeled(folder: str, image_size: int, channels: int = 3) -> tupl
 
 
 def _tfds_dataset(name: str, split: str, data_dir: str | None, shuffle_files: bool, seed: int | None):
-  tf = hide_accelerators_from_tf()
+  """``(tf, tf.data.Dataset)`` of a prepared tfds split; never downloads (see `open_tfds_split`)."""
+  ds = open_tfds_split(name, split, data_dir, shuffle_files=shuffle_files, seed=seed)
+  return hide_accelerators_from_tf(), ds
+
+
+def open_tfds_split(name: str, split: str, data_dir: str | None, *, shuffle_files: bool = False, seed=None):
+  """The ``tf.data.Dataset`` of a tfds split that is already prepared in ``data_dir``, built lazily (cheap).
+
+  Never downloads: without network tfds would retry for minutes before failing, and the LSUN/CelebA-HQ data
+  need manual downloads anyway. Call it before any model is built to check that the data are there.
+
+  Args:
+    name: one of ``TFDS_DATASETS``.
+    split: a tfds split ('train', 'test', 'train[:1000]', ...).
+    data_dir: tfds data_dir (None or '': tfds' default, ``$TFDS_DATA_DIR`` or ~/tensorflow_datasets).
+    shuffle_files: shuffle the file order (training streams).
+    seed: the file-shuffle seed.
+
+  Raises:
+    errors.DatasetNotPreparedError: the dataset is not prepared in the data_dir (the message names it).
+    errors.UserError: the split does not exist.
+  """
+  hide_accelerators_from_tf()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+  if name not in TFDS_DATASETS:
+    raise errors.UserError(f'Unknown tfds dataset {name!r}; choose one of {tuple(TFDS_DATASETS)}.')
+  tfds_name = TFDS_DATASETS[name]
+  builder = tfds.builder(tfds_name, data_dir=data_dir or None)
   read_config = tfds.ReadConfig(shuffle_seed=seed) if shuffle_files else None
-  ds = tfds.load(
-    TFDS_DATASETS[name], split=split, data_dir=data_dir or None, shuffle_files=shuffle_files, read_config=read_config
-  )
-  return tf, ds
+  try:
+    return builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config)
+  except Exception as e:  # pylint: disable=broad-except  # tfds raises AssertionError for missing data
+    if not builder.is_prepared():
+      root = builder.data_dir_root
+      how = (
+        f'run `tfds build {tfds_name.split("/")[0]} --data_dir {root}` with network access'
+        if name == 'cifar10'
+        else f'prepare it with `tfds build {tfds_name} --data_dir {root}` (it needs the manual download tfds describes)'
+      )
+      raise errors.DatasetNotPreparedError(
+        f'{_PRETTY.get(name, name)} is not prepared in {root}; {how}, or point the data_dir at the folder that '
+        'holds it (train.py: --config.data.data_dir=..., other commands: --data_dir=...).'
+      ) from None
+    if isinstance(e, (ValueError, KeyError)) and 'split' in str(e).lower():
+      raise errors.UserError(f'Split {split!r} of {name!r}: {e}') from None
+    raise
 
 
 def _tf_preprocess(tf, image_size: int, channels: int):
@@ -275,7 +373,7 @@ def load_array(
   With ``with_labels`` returns ``(images, labels int32 [N])``; only ``LABELED_DATASETS`` have labels.
   """
   if with_labels and dataset not in LABELED_DATASETS:
-    raise ValueError(f'{dataset!r} has no class labels; labelled datasets are {sorted(LABELED_DATASETS)}.')
+    raise errors.UserError(f'{dataset!r} has no class labels; labelled datasets are {sorted(LABELED_DATASETS)}.')
   if dataset == 'digits':
     images = load_digits(image_size)
     return (images, load_digits_labels()) if with_labels else images
@@ -285,7 +383,7 @@ def load_array(
     )
   if dataset in TFDS_DATASETS:
     return load_tfds_array(dataset, split, image_size, channels, data_dir or None, with_labels=with_labels)
-  raise ValueError(f'Unknown dataset {dataset!r}; choose one of {DATASETS}.')
+  raise errors.UserError(f'Unknown dataset {dataset!r}; choose one of {DATASETS}.')
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ddpm_jax import data_parallel, diffusion, loading, sampling
+from ddpm_jax import data_parallel, diffusion, errors, loading, paths, sampling
 from ddpm_jax import schedule as sched_lib
 from ddpm_jax.input_pipeline import to_uint8
 
@@ -221,7 +221,7 @@ def load_samples(out_dir: str, *, with_labels: bool = False) -> np.ndarray | tup
   """
   files = sorted(glob.glob(os.path.join(out_dir, 'samples_*.npz')))
   if not files:
-    raise FileNotFoundError(f'No samples_*.npz shards in {out_dir!r}; run sample.py first.')
+    raise errors.MissingFileError(f'No samples_*.npz shards in {out_dir!r}; run sample.py first.')
   images, indices, labels = [], [], []
   for path in files:
     with np.load(path) as f:
@@ -235,6 +235,28 @@ def load_samples(out_dir: str, *, with_labels: bool = False) -> np.ndarray | tup
   if with_labels:
     return np.concatenate(images)[order], np.concatenate(labels)[order]
   return np.concatenate(images)[order]
+
+
+def check_resumable(out_dir: str, settings: dict) -> bool:
+  """Whether ``out_dir`` holds samples of these ``settings`` (True) or none (False); raises for other settings.
+
+  ``settings`` as `sample_to_dir` records them (with ``num_samples`` and ``shard_size``). Reads only.
+
+  Raises:
+    errors.UserError: ``out_dir/sampling.json`` records other settings (its samples are never overwritten).
+  """
+  meta_path = os.path.join(out_dir, 'sampling.json')
+  if not os.path.exists(meta_path):
+    return False
+  with open(meta_path) as f:
+    old = json.load(f)
+  if old != json.loads(json.dumps(settings, default=str)):
+    diff = {k: (old.get(k), settings.get(k)) for k in set(old) | set(settings) if old.get(k) != settings.get(k)}
+    raise errors.UserError(
+      f'{out_dir!r} holds samples made with other settings {diff} (old, new); choose another '
+      '--out folder or repeat the original settings to resume.'
+    )
+  return True
 
 
 def sample_to_dir(
@@ -270,16 +292,7 @@ def sample_to_dir(
   os.makedirs(out_dir, exist_ok=True)
   settings = dict(settings or {}, num_samples=num_samples, shard_size=shard_size)
   meta_path = os.path.join(out_dir, 'sampling.json')
-  if os.path.exists(meta_path):
-    with open(meta_path) as f:
-      old = json.load(f)
-    if old != json.loads(json.dumps(settings)):
-      diff = {k: (old.get(k), settings.get(k)) for k in set(old) | set(settings) if old.get(k) != settings.get(k)}
-      raise ValueError(
-        f'{out_dir!r} holds samples made with other settings {diff} (old, new); choose another '
-        '--out folder or repeat the original settings to resume.'
-      )
-  else:
+  if not check_resumable(out_dir, settings):
     with open(meta_path + '.tmp', 'w') as f:
       json.dump(settings, f, indent=2, sort_keys=True, default=str)
     os.replace(meta_path + '.tmp', meta_path)
@@ -362,17 +375,21 @@ def run(
   Every argument is checked before anything compiles. See ``sample.py`` for their meaning.
   """
   if (workdir is None) == (pretrained is None):
-    raise ValueError('Pass exactly one of --workdir (a training run) and --pretrained (a released model).')
-  if not out_dir:
-    raise ValueError('--out is required: the folder to write samples into.')
+    raise errors.UserError('Pass exactly one of --workdir (a training run) and --pretrained (a released model).')
+  paths.check_output_dir(out_dir, '--out')
   if num_samples < 1 or batch_size < 1:
-    raise ValueError(f'--num_samples and --batch_size must be positive, got {num_samples} and {batch_size}.')
+    raise errors.UserError(f'--num_samples and --batch_size must be positive, got {num_samples} and {batch_size}.')
   if sampler not in SAMPLERS:
-    raise ValueError(f'Unknown sampler {sampler!r}; choose one of {SAMPLERS}.')
+    raise errors.UserError(f'Unknown sampler {sampler!r}; choose one of {SAMPLERS}.')
   loaded = loading.load_model(workdir=workdir, pretrained=pretrained, step=step)
   k = getattr(loaded.model, 'num_classes', 0)
-  # A conditional model without --class_label cycles through the classes (image i gets class i mod K).
-  loading.check_conditioning(loaded.model, class_label if class_label is not None or not k else 0, guidance_scale)
+  try:  # the request's values against this model: a ValueError here is a bad flag, the user's to fix
+    # A conditional model without --class_label cycles through the classes (image i gets class i mod K).
+    loading.check_conditioning(
+      loaded.model, class_label if class_label is not None or not k else 0, guidance_scale
+    )
+  except ValueError as e:
+    raise errors.UserError(str(e)) from None
   # The model's own settings unless overridden; validated before anything compiles.
   spec = SamplerSpec(
     name=sampler,
@@ -384,11 +401,15 @@ def run(
     class_label=class_label,
     guidance_scale=guidance_scale,
   )
-  spec.validate(loaded.schedule.num_timesteps)
+  try:
+    spec.validate(loaded.schedule.num_timesteps)
+  except ValueError as e:
+    raise errors.UserError(str(e)) from None
   image_shape = (loaded.image_size, loaded.image_size, loaded.in_channels)
+  settings = dict(source=loaded.source, seed=seed, sampler=dataclasses.asdict(spec), image_shape=list(image_shape))
+  check_resumable(out_dir, dict(settings, num_samples=num_samples, shard_size=batch_size))  # before compiling
   logging.info('Sampling %d images from %s with %s.', num_samples, loaded.source, spec)
   batch_sampler = BatchSampler(loaded.model, loaded.params, loaded.schedule, spec, image_shape, seed=seed)
-  settings = dict(source=loaded.source, seed=seed, sampler=dataclasses.asdict(spec), image_shape=list(image_shape))
   summary = sample_to_dir(
     batch_sampler,
     out_dir,

@@ -17,8 +17,8 @@ clipped, and the clipped gradients are averaged. See docs/training.md.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
 import os
 import signal
 import threading
@@ -39,15 +39,18 @@ from ddpm_jax import checkpoint as checkpoint_lib
 from ddpm_jax import cpu_tuning
 from ddpm_jax import data_parallel
 from ddpm_jax import diffusion
+from ddpm_jax import errors
 from ddpm_jax import image_grid
 from ddpm_jax import input_pipeline
+from ddpm_jax import paths
 from ddpm_jax import sampling
 from ddpm_jax import schedule as schedule_lib
+from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.data_parallel import AXIS, REPLICATED, SPLIT
 from ddpm_jax.models import unet as unet_lib
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError):
   """A config value that cannot work; the message names the value and the fix."""
 
 
@@ -607,43 +610,54 @@ def _fmt_duration(seconds: float) -> str:
   return f'{d}d{h:02d}h{m:02d}m' if d else (f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s')
 
 
-def _flat(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in config.items():
-    if isinstance(v, (ml_collections.ConfigDict, dict)):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
-  return out
+def _load_in_memory(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray | None]:
+  """The training split of an in-memory config, uint8 [N, S, S, C], and its labels (class-conditional runs)."""
+  d = config.data
+  num_classes = int(config.model.get('num_classes', 0))
+  loaded = input_pipeline.load_array(
+    d.dataset,
+    split=d.split,
+    image_size=d.image_size,
+    channels=d.channels,
+    folder=d.folder,
+    data_dir=d.data_dir,
+    with_labels=bool(num_classes),
+  )
+  images, labels = loaded if num_classes else (loaded, None)
+  if labels is not None and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ConfigError(
+      f'Labels of {d.dataset!r} span {labels.min()}..{labels.max()}, outside '
+      f'0..{num_classes - 1}: set model.num_classes to the number of classes.'
+    )
+  logging.info(
+    'Data: %d images of %s held in memory%s.',
+    len(images),
+    images.shape[1:],
+    f', {num_classes} classes' if num_classes else '',
+  )
+  return images, labels
 
 
-def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  path = os.path.join(workdir, 'config.json')
-  new = _flat(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = _flat(ml_collections.ConfigDict(json.load(f)))
-    changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
-    if changed:
-      logging.warning(
-        'Config differs from the one saved in %s: %s',
-        path,
-        ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in sorted(changed.items())),
-      )
-      os.replace(path, os.path.join(workdir, f'config.{time.strftime("%Y%m%d-%H%M%S")}.json'))
-  checkpoint_lib.save_json(path, config.to_dict())
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> dict[str, Any]:
   """Trains (or resumes) a DDPM as ``config`` says, writing everything under ``workdir``.
 
   Writes ``workdir/config.json`` (the resolved config), ``workdir/checkpoints/<step>`` (orbax), TensorBoard
   events in ``workdir``, and EMA sample grids ``workdir/samples/step_<step>.png``. Rerunning with the same
   workdir resumes from the newest readable checkpoint. SIGTERM/SIGINT save a checkpoint and return early.
 
+  Everything that can be checked is checked before anything is built or written: the config, the workdir path,
+  the config saved in the workdir (`ddpm_jax.workdir.check_resume`), the data (a tfds split that is not
+  prepared, unreadable image files). The workdir is then locked against a second run, and ``config.json`` is
+  written only after the model is built and the checkpoint restored, just before the first step: a run that
+  fails at start-up leaves an existing workdir as it was.
+
   Args:
     config: a configs/default.py-style config.
     workdir: output folder.
+    allow_config_change: resume even if the config changes what the workdir's checkpoints mean (diffusion,
+      architecture, data: `ddpm_jax.workdir.IDENTITY_KEYS`); otherwise such a change is refused.
 
   Returns:
     A summary dict: ``start_step``, ``final_step``, ``stopped_by_signal``, ``loss`` (mean over the last log
@@ -651,6 +665,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Raises:
     ConfigError: for an unusable config (before anything is built).
+    errors.UserError: an unusable workdir, data that are missing or unreadable, a workdir of another config
+      (`errors.WorkdirMismatchError`) or in use by another run (`errors.WorkdirBusyError`).
     NonFiniteLossError: when the loss becomes NaN/inf (the last good checkpoint is left intact).
   """
   validate_config(config)
@@ -658,39 +674,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     jax.distributed.initialize()  # Cloud TPU pods and SLURM/Open MPI clusters are detected automatically.
   devices = jax.local_devices()
   validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
-  workdir = os.path.abspath(workdir)
+  workdir = paths.check_output_dir(workdir, '--workdir')
+  workdir_lib.check_resume(config, workdir, allow_change=allow_config_change)
   is_chief = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_chief:
-    _save_config(config, workdir)
   t_wall = time.time()
 
+  d = config.data
+  # The data before anything is built or written: a missing dataset or a bad image file ends the run here.
+  if d.in_memory:
+    images, labels = _load_in_memory(config)
+  else:
+    input_pipeline.open_tfds_split(d.dataset, d.split, d.data_dir)
+
+  os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.WorkdirLock(workdir) if is_chief else contextlib.nullcontext():
+    return _train(
+      config,
+      workdir,
+      devices,
+      images if d.in_memory else None,
+      labels if d.in_memory else None,
+      allow_config_change=allow_config_change,
+      is_chief=is_chief,
+      t_wall=t_wall,
+    )
+
+
+def _train(config, workdir, devices, images, labels, *, allow_config_change, is_chief, t_wall):
+  """The rest of `train_and_evaluate`: the workdir is locked and the in-memory data (images, labels) loaded."""
   d, df, o, t = config.data, config.diffusion, config.optim, config.train
+  num_classes = int(config.model.get('num_classes', 0))
   image_shape = (d.image_size, d.image_size, d.channels)
   schedule = build_schedule(config)
   model = build_model(config)
   tx = build_optimizer(config)
+
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=t.keep_checkpoints)
+  try:
+    latest = ckpt.latest_step()
+    if latest is not None and not allow_config_change:  # what the newest checkpoint says it is
+      workdir_lib.check_checkpoint_matches(config, ckpt.metadata(latest), where=f'{workdir} step {latest}')
+    # Restored into the state's shapes (no computation): a resumed run neither initializes nor compiles first.
+    restored, restored_step = ckpt.restore_latest(abstract_state(config, model))
+    if restored_step not in (None, latest) and not allow_config_change:  # fell back to an older step
+      workdir_lib.check_checkpoint_matches(
+        config, ckpt.metadata(restored_step), where=f'{workdir} step {restored_step}'
+      )
+  except BaseException:
+    ckpt.close()
+    raise
   root = jax.random.key(config.seed)
   init_key, train_key, sample_key = (jax.random.fold_in(root, i) for i in range(3))
   data_seed = int(jax.random.randint(jax.random.fold_in(root, 3), (), 0, 2**31 - 1))
-
-  state = init_state(model, tx, image_shape=image_shape, key=init_key)
-  logging.info('Model: %s parameters.', f'{unet_lib.count_params(state.params):,}')
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=t.keep_checkpoints)
-  restored, restored_step = ckpt.restore_latest(state)
   if restored is not None:
     state = restored
     logging.info('Resuming from checkpoint step %d in %s.', restored_step, ckpt.directory)
+  else:
+    state = init_state(model, tx, image_shape=image_shape, key=init_key)
+  logging.info('Model: %s parameters.', f'{unet_lib.count_params(state.params):,}')
   start_step = int(state.step)
   last_saved = restored_step
-
-  input_pipeline.hide_accelerators_from_tf()  # clu's TensorBoard writer imports TensorFlow.
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-
-  # TensorBoard only (the progress line is our log); other hosts write nothing.
-  writer = (
-    metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)) if is_chief else metric_writers.MultiWriter([])
-  )
+  ckpt_meta = workdir_lib.checkpoint_metadata(config)
 
   summary = {
     'start_step': start_step,
@@ -705,35 +749,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start_step >= t.num_steps:
     logging.info('Checkpoint step %d already reaches train.num_steps=%d; nothing to train.', start_step, t.num_steps)
     ckpt.close()
-    writer.close()
     summary['wall_s'] = time.time() - t_wall
     return summary
 
+  input_pipeline.hide_accelerators_from_tf()  # clu's TensorBoard writer imports TensorFlow.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
+  # TensorBoard only (the progress line is our log); other hosts write nothing.
+  writer = (
+    metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)) if is_chief else metric_writers.MultiWriter([])
+  )
+
   n_dev = len(devices)
   common = dict(num_local_devices=n_dev, process_index=jax.process_index(), process_count=jax.process_count())
-  num_classes = int(config.model.get('num_classes', 0))
   if d.in_memory:
-    loaded = input_pipeline.load_array(
-      d.dataset,
-      split=d.split,
-      image_size=d.image_size,
-      channels=d.channels,
-      folder=d.folder,
-      data_dir=d.data_dir,
-      with_labels=bool(num_classes),
-    )
-    images, labels = loaded if num_classes else (loaded, None)
-    if labels is not None and (labels.min() < 0 or labels.max() >= num_classes):
-      raise ConfigError(
-        f'Labels of {d.dataset!r} span {labels.min()}..{labels.max()}, outside '
-        f'0..{num_classes - 1}: set model.num_classes to the number of classes.'
-      )
-    logging.info(
-      'Data: %d images of %s held in memory%s.',
-      len(images),
-      images.shape[1:],
-      f', {num_classes} classes' if num_classes else '',
-    )
     batches = input_pipeline.in_memory_batches(
       images,
       global_batch=o.batch_size,
@@ -800,6 +829,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info('Wrote EMA samples to %s', path)
     return path
 
+  if is_chief:  # validated, restored and about to train: now the workdir is this config's
+    workdir_lib.save_config(config, workdir)
   rstate = data_parallel.replicate(state)
   del state
   pending = []  # (step, device metrics) not yet checked for finiteness.
@@ -820,10 +851,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       loss = float(mt['loss'])
       if not np.isfinite(loss):
         ckpt.wait()
+        kept = (
+          f'The last good checkpoint (step {last_saved}) in {ckpt.directory} is intact and was not overwritten'
+          if last_saved is not None
+          else f'No checkpoint had been written yet (the first was due at step {t.checkpoint_every})'
+        )
         raise NonFiniteLossError(
-          f'Loss is {loss} at step {s} (the update from state step {s} to {s + 1}); stopping. '
-          f'The last good checkpoint (step {last_saved}) in {ckpt.directory} is intact and was not '
-          'overwritten. Lower optim.lr, keep optim.grad_clip > 0, or check the data, then rerun to resume.'
+          f'Loss is {loss} at step {s} (the update from state step {s} to {s + 1}); stopping. {kept}. '
+          'Lower optim.lr, keep optim.grad_clip > 0, or check the data, then rerun to resume.'
         )
       window.append({k: float(v) for k, v in mt.items()})
     pending.clear()
@@ -831,7 +866,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def save(step_done):
     nonlocal last_saved
     flush()
-    ckpt.save(step_done, data_parallel.unreplicate(rstate))
+    ckpt.save(step_done, data_parallel.unreplicate(rstate), metadata=ckpt_meta)
     last_saved = step_done
 
   with _StopOnSignal() as stop:

@@ -230,6 +230,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   step, tree = _final_params(workdir)
   assert step == 2 and _steps(workdir) == [2]
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree))
+  # Before any checkpoint: the message says so (not "step None").
+  config.train.checkpoint_every = 5
+  with pytest.raises(train_lib.NonFiniteLossError, match='No checkpoint had been written yet') as e:
+    train_lib.train_and_evaluate(config, str(tmp_path / 'fresh'))
+  assert 'None' not in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------------------------------
