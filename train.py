@@ -8,13 +8,12 @@ import os
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
-from ddpm_jax import cli  # absl and the standard library only: loads nothing heavy
+from ddpm_jax import cli  # absl, ml_collections and the standard library only: loads nothing heavy
 from ddpm_jax import cpu_tuning
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file(
+cli.define_config_file(
   'config', os.path.join(_HERE, 'configs', 'digits.py'), 'Training config file (configs/*.py).', lock_config=True
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (default: runs/<config file name>).')

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from absl import app, flags
+from ml_collections import config_flags
 
 from ddpm_jax import cpu_tuning, errors
 
@@ -114,18 +115,39 @@ def config_override_error(argv: Sequence[str]) -> str | None:
   It names the key and the closest valid keys at the level where the path goes wrong.
   """
   for name, flag in _config_flags():
-    path = _flag_argument(argv, name, flag.default)
-    if not path:
-      continue
-    try:
-      config = flag.parser.parse(path)
-    except Exception:  # pylint: disable=broad-except  # the config file itself is broken: absl's error stands
-      return None
-    for override in _overrides(argv, name):
-      message = _missing_key(config, override)
-      if message:
-        return f'--{name}.{override}: {message}'
+    message = _override_message(name, _flag_argument(argv, name, flag.default_as_str.strip("'")), argv)
+    if message:
+      return message
   return None
+
+
+def _override_message(name: str, path: str, argv: Sequence[str]) -> str | None:
+  """The message for the first override of ``--name``'s config (file ``path``) that names no key, or None."""
+  try:
+    config = config_flags.config_flags.ConfigFileFlagParser(name).parse(path)
+  except Exception:  # pylint: disable=broad-except  # the config file itself is broken: absl's error stands
+    return None
+  for override in _overrides(argv, name):
+    message = _missing_key(config, override)
+    if message:
+      return f'--{name}.{override}: {message}'
+  return None
+
+
+def define_config_file(name: str, default: str, help_string: str, **kwargs: Any) -> Any:
+  """``ml_collections.config_flags.DEFINE_config_file`` with override typos reported like `run` does.
+
+  Without ``--<name>`` on the command line ml_collections applies the overrides to the default config while the
+  flag is defined (at import of the command), before `run` parses anything: a typo there is reported here, as
+  one ``error:`` line with status 2. Returns the flag holder.
+  """
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_string, **kwargs)
+  except (AttributeError, KeyError) as e:
+    message = _override_message(name, default, sys.argv)
+    if message is None:
+      raise
+    _exit_user_error(message, e)
 
 
 def _flag_argument(argv: Sequence[str], name: str, default: Any) -> Any:
