@@ -13,7 +13,7 @@ r"""Exports a training run for diffusers, the Hugging Face hub, or the original 
 
 from absl import app, flags
 
-from ddpm_jax import cpu_tuning, export_lib
+from ddpm_jax import cli, export_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to export.')
 _OUT = flags.DEFINE_string('out', None, 'New or empty output folder.')
@@ -51,5 +51,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cpu_tuning.restart_with_malloc_tuning()  # glibc malloc with huge pages on CPU hosts (ddpm_jax.cpu_tuning)
-  app.run(main)
+  cli.run(main)  # user errors as one `error:` line, exit status 2 (ddpm_jax.cli)

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from ddpm_jax import loading
+from ddpm_jax import errors, loading
 from ddpm_jax.formats import diffusers as diffusers_format
 from ddpm_jax.formats import tf_checkpoint as tf_format
 
@@ -24,11 +24,11 @@ FORMATS = ('diffusers', 'tf')
 
 def _check_out_dir(out_dir: str) -> None:
   if not out_dir:
-    raise ValueError('--out is required: the folder to write the exported model into.')
+    raise errors.UserError('--out is required: the folder to write the exported model into.')
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise ValueError(f'--out {out_dir!r} is a file; pass a new or empty folder.')
+    raise errors.UserError(f'--out {out_dir!r} is a file; pass a new or empty folder.')
   if os.path.isdir(out_dir) and os.listdir(out_dir):
-    raise ValueError(
+    raise errors.UserError(
       f'--out {out_dir!r} already holds {len(os.listdir(out_dir))} entries; export.py never overwrites. '
       'Pass a new or empty folder (or delete this one).'
     )
@@ -37,7 +37,7 @@ def _check_out_dir(out_dir: str) -> None:
 def _check_hub(repo_id: str) -> Any:
   """The ``huggingface_hub`` module, checked before anything is exported."""
   if not diffusers_format.looks_like_repo_id(repo_id):
-    raise ValueError(f'--push_to_hub {repo_id!r} is not a hub repo id; pass one like "your-name/ddpm-digits".')
+    raise errors.UserError(f'--push_to_hub {repo_id!r} is not a hub repo id; pass one like "your-name/ddpm-digits".')
   try:
     import huggingface_hub  # pylint: disable=g-import-not-at-top  # the optional hub extra
   except ImportError as e:
@@ -98,11 +98,11 @@ def run(
     'source', 'hub_url'}``.
   """
   if not workdir:
-    raise ValueError('--workdir is required: the train.py workdir to export.')
+    raise errors.UserError('--workdir is required: the train.py workdir to export.')
   if fmt not in FORMATS:
-    raise ValueError(f'Unknown --format {fmt!r}; choose one of {FORMATS}.')
+    raise errors.UserError(f'Unknown --format {fmt!r}; choose one of {FORMATS}.')
   if raw and fmt == 'tf':
-    raise ValueError(
+    raise errors.UserError(
       '--raw applies to --format diffusers only: the TF checkpoint always holds both, the raw weights under '
       'model/... and their EMA under .../ExponentialMovingAverage, as the original code saved them.'
     )

@@ -38,7 +38,8 @@ import ml_collections
 import numpy as np
 
 from ddpm_jax import checkpoint as checkpoint_lib
-from ddpm_jax import releases, sampling, train_lib
+from ddpm_jax import errors, releases, sampling, train_lib
+from ddpm_jax import workdir as workdir_lib
 from ddpm_jax import schedule as sched_lib
 from ddpm_jax.formats import diffusers as diffusers_format
 from ddpm_jax.formats import tf_checkpoint as tf_format
@@ -173,20 +174,24 @@ def restore_workdir(workdir: str, step: int | None = None) -> tuple[ml_collectio
   """
   config_path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(config_path):
-    raise FileNotFoundError(f'{config_path!r} not found: --workdir must be a train.py workdir.')
+    raise errors.MissingFileError(f'{config_path!r} not found: --workdir must be a train.py workdir.')
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   target = train_lib.abstract_state(config, train_lib.build_model(config))
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=None)
   try:
+    if step is not None and step not in ckpt.all_steps():
+      raise errors.MissingFileError(
+        f'No checkpoint step {step} in {ckpt.directory!r}; there are {ckpt.all_steps()}. Pass one of them to --step.'
+      )
     if step is None:
       state, step = ckpt.restore_latest(target)
       if state is None:
-        raise FileNotFoundError(f'No readable checkpoint in {ckpt.directory!r}.')
+        raise errors.MissingFileError(f'No readable checkpoint in {ckpt.directory!r}.')
     else:
-      if step not in ckpt.all_steps():
-        raise FileNotFoundError(f'No checkpoint step {step} in {ckpt.directory!r}; there are {ckpt.all_steps()}.')
       state = ckpt.restore(step, target)
+    # The checkpoint's parameters must mean what config.json says (e.g. not a schedule changed afterwards).
+    workdir_lib.check_checkpoint_matches(config, ckpt.metadata(step), where=f'{workdir} step {step}')
   finally:
     ckpt.close()
   return config, state, step
@@ -219,11 +224,11 @@ def load_model(*, workdir: str | None = None, pretrained: str | None = None, ste
     step: checkpoint step of ``workdir`` (default: the newest readable one).
   """
   if (workdir is None) == (pretrained is None):
-    raise ValueError('Pass exactly one of --workdir (a training run) and --pretrained (a released model).')
+    raise errors.UserError('Pass exactly one of --workdir (a training run) and --pretrained (a released model).')
   if workdir is not None:
     return load_workdir(workdir, step)
   if step is not None:
-    raise ValueError('--step applies to --workdir checkpoints only.')
+    raise errors.UserError('--step applies to --workdir checkpoints only.')
   return load_pretrained(pretrained)
 
 

@@ -385,9 +385,7 @@ def run(
   k = getattr(loaded.model, 'num_classes', 0)
   try:  # the request's values against this model: a ValueError here is a bad flag, the user's to fix
     # A conditional model without --class_label cycles through the classes (image i gets class i mod K).
-    loading.check_conditioning(
-      loaded.model, class_label if class_label is not None or not k else 0, guidance_scale
-    )
+    loading.check_conditioning(loaded.model, class_label if class_label is not None or not k else 0, guidance_scale)
   except ValueError as e:
     raise errors.UserError(str(e)) from None
   # The model's own settings unless overridden; validated before anything compiles.

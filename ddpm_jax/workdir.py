@@ -78,6 +78,7 @@ RESUME_SAFE_KEYS = (
   'model.dropout',
   'model.dtype',
   'model.remat',
+  'model.layers',
   'model.class_dropout',
   'optim.batch_size',
   'optim.lr',
