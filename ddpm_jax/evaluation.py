@@ -768,3 +768,55 @@ def run_class_accuracy(
     results=results,
     source=loaded.source,
   )
+
+
+def digits_feature_fn(
+  seed: int = 0, test_fraction: float = 0.2, hidden: int = 64
+) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, float]:
+  """Features of 8x8 grey digits for a Fréchet distance: the hidden layer of an MLP trained on the real digits.
+
+  The digits demo's stand-in for FID's Inception features (8x8 grey images are no input for Inception): a
+  scikit-learn ``MLPClassifier`` with one ReLU layer of ``hidden`` units, trained to classify the real digits of
+  the same split as :func:`digits_classifier`; an image's features are its hidden activations, without the units
+  that no real digit activates (they would only make the covariances singular). The Fréchet distance of
+  :func:`frechet_distance` between the features' Gaussian statistics then measures, as FID does, how far a set
+  of images lies from the real digits in a space that separates the classes. Measured (scikit-learn 1.9, seed 0;
+  statistics of the training split as the reference): the 359 held-out digits score about 0.4, a random 359 of
+  the training digits 0.15 to 0.3, the held-out digits blurred by a 3-pixel kernel about 5, those of five classes
+  only about 5, uniform noise about 25. Numbers depend on the scikit-learn version (its optimizer): compare
+  distances computed with the same one.
+
+  Args:
+    seed: the train/held-out split's seed (as :func:`digits_classifier`) and the MLP's initialization.
+    test_fraction: fraction of the 1,797 digits held out.
+    hidden: hidden units.
+
+  Returns:
+    ``(features, held_out, held_out_accuracy)``: ``features(images)`` maps uint8 images [N, 8, 8, 1] to float64
+    features [N, D] (D <= ``hidden``); ``held_out`` [n] are the indices (into ``input_pipeline.load_digits``) of
+    the held-out digits, which the MLP never trained on (the others are its training split);
+    ``held_out_accuracy`` is the MLP's class accuracy on them.
+  """
+  from sklearn import neural_network  # pylint: disable=g-import-not-at-top
+
+  images = input_pipeline.load_digits(8)
+  flat = images.reshape(-1, 64).astype(np.float64) / 255.0
+  labels = input_pipeline.load_digits_labels()
+  order = np.random.default_rng(seed).permutation(len(flat))
+  n_test = int(round(test_fraction * len(flat)))
+  test, train = order[:n_test], order[n_test:]
+  # alpha = 1e-2 (L2): with sklearn's default 1e-4 the features of the MLP's own training digits drift away from
+  # those of unseen digits, which the distance would then count against every sample.
+  mlp = neural_network.MLPClassifier((hidden,), alpha=1e-2, max_iter=2000, random_state=seed)
+  mlp.fit(flat[train], labels[train])
+  weights, bias = mlp.coefs_[0], mlp.intercepts_[0]
+  alive = np.flatnonzero(np.maximum(flat @ weights + bias, 0.0).max(axis=0) > 0)
+  weights, bias = weights[:, alive], bias[alive]
+
+  def features(batch: np.ndarray) -> np.ndarray:
+    batch = np.asarray(batch)
+    if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (8, 8, 1):
+      raise ValueError(f'digits features take uint8 images [N, 8, 8, 1]; got {batch.dtype} {batch.shape}.')
+    return np.maximum(batch.reshape(len(batch), 64).astype(np.float64) / 255.0 @ weights + bias, 0.0)
+
+  return features, test, float(mlp.score(flat[test], labels[test]))
