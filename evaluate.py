@@ -17,7 +17,7 @@ import os
 
 from absl import app, flags
 
-from ddpm_jax import cli, cpu_tuning, evaluation, paths
+from ddpm_jax import cli, cpu_tuning, evaluation, paths, solvers
 from ddpm_jax import workdir as workdir_lib
 
 _METRIC = flags.DEFINE_enum(
@@ -54,8 +54,10 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', 200, 'Images per device call.')
 _SEED = flags.DEFINE_integer('seed', 0, '[bpd, class_accuracy] Noise seed.')
 _SCALES = flags.DEFINE_list('guidance_scales', ['0', '1', '3'], '[class_accuracy] Guidance scales w to compare.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 500, '[class_accuracy] Samples per guidance scale.')
-_SAMPLER = flags.DEFINE_enum('sampler', 'ancestral', ['ancestral', 'respaced', 'ddim'], '[class_accuracy] Sampler.')
-_STEPS = flags.DEFINE_integer('steps', None, '[class_accuracy] Steps for --sampler respaced/ddim.')
+_SAMPLER = flags.DEFINE_enum(
+  'sampler', 'ancestral', list(solvers.SAMPLERS), '[class_accuracy] Sampler (see sample.py --help).'
+)
+_STEPS = flags.DEFINE_integer('steps', None, "[class_accuracy] Steps (default: the sampler's own).")
 _OUT = flags.DEFINE_string('out', None, 'JSON file for the results.')
 
 

@@ -4,8 +4,10 @@ r"""Samples images from a trained or released DDPM into .npz shards and a PNG gr
   python sample.py --workdir runs/cifar10 --num_samples 50000 --out samples/cifar10
   # A released model (diffusers folder or hub id, or an original TF checkpoint prefix):
   python sample.py --pretrained google/ddpm-cifar10-32 --num_samples 50000 --out samples/cifar10_official
-  # Faster samplers: DDIM with 100 steps, or the ancestral sampler on 250 respaced steps:
-  python sample.py --workdir runs/cifar10 --sampler ddim --steps 100 --eta 0 --out samples/ddim100
+  # Faster samplers: DDIM with 100 steps, DPM-Solver++ (2M) with 20, UniPC order 3 with 10 (--help lists all):
+  python sample.py --workdir runs/cifar10 --sampler ddim --steps 100 --out samples/ddim100
+  python sample.py --workdir runs/cifar10 --sampler dpmpp --steps 20 --out samples/dpmpp20
+  python sample.py --workdir runs/cifar10 --sampler unipc --steps 10 --order 3 --out samples/unipc10
   # A class-conditional model: class 3 with classifier-free guidance w = 2 (any sampler):
   python sample.py --workdir runs/digits_cond --class_label 3 --guidance_scale 2 --out samples/threes
 
@@ -15,7 +17,7 @@ with any --batch_size. Rerunning an interrupted command resumes: finished shards
 
 from absl import app, flags, logging
 
-from ddpm_jax import cli, cpu_tuning, sample_lib
+from ddpm_jax import cli, cpu_tuning, sample_lib, solvers
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to sample from (its EMA parameters).')
 _PRETRAINED = flags.DEFINE_string(
@@ -32,15 +34,26 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _SAMPLER = flags.DEFINE_enum(
   'sampler',
   'ancestral',
-  sample_lib.SAMPLERS,
-  'ancestral: the paper (T steps); respaced: ancestral on --steps strided steps; ddim: --steps DDIM steps with --eta.',
+  list(solvers.SAMPLERS),
+  'The sampler (defaults of --steps, --spacing, --order, --variant, --eta are its own):\n  '
+  + '\n  '.join(solvers.help_lines()),
 )
-_STEPS = flags.DEFINE_integer('steps', None, 'Steps for --sampler respaced/ddim (default T).')
-_ETA = flags.DEFINE_float('eta', 0.0, 'DDIM eta (0 deterministic, 1 ancestral-like).')
+_STEPS = flags.DEFINE_integer(
+  'steps', None, 'Steps (network calls: see --sampler); default T for the paper samplers, 25 else.'
+)
+_SPACING = flags.DEFINE_enum('spacing', None, list(solvers.SPACINGS), "Step spacing (default: the sampler's own).")
+_ORDER = flags.DEFINE_integer('order', None, 'Solver order (dpmpp, dpmpp_sde, unipc; default 2).')
+_VARIANT = flags.DEFINE_string('variant', None, 'dpmpp/dpmpp_sde: midpoint or heun; unipc: bh1 or bh2 (default bh2).')
+_ETA = flags.DEFINE_float('eta', None, 'Share of fresh noise: ddim (default 0, deterministic), euler_ancestral (1).')
+_STEPS_OFFSET = flags.DEFINE_integer('steps_offset', 0, "Offset of the 'leading' spacing (diffusers' steps_offset).")
 _VAR_TYPE = flags.DEFINE_enum(
   'var_type', None, ['fixedlarge', 'fixedsmall'], "Reverse variance (default: the model's own setting)."
 )
-_CLIP = flags.DEFINE_bool('clip_denoised', None, "Clip x0 estimates to [-1, 1] (default: the model's setting).")
+_CLIP = flags.DEFINE_bool(
+  'clip_denoised',
+  None,
+  "Clip x0 estimates to [-1, 1] (default: the model's setting for ancestral/respaced/ddim, off for the solvers).",
+)
 _GRID = flags.DEFINE_integer('grid', 64, 'Images in grid.png (0 for none).')
 _CLASS = flags.DEFINE_integer(
   'class_label',
@@ -69,7 +82,11 @@ def main(argv):
     seed=_SEED.value,
     sampler=_SAMPLER.value,
     steps=_STEPS.value,
+    spacing=_SPACING.value,
+    order=_ORDER.value,
+    variant=_VARIANT.value,
     eta=_ETA.value,
+    steps_offset=_STEPS_OFFSET.value,
     var_type=_VAR_TYPE.value,
     clip_denoised=_CLIP.value,
     grid_size=_GRID.value,

@@ -1,11 +1,12 @@
 """Data parallelism: the 1-D device mesh, placing arrays on it, and mapping a function over its devices.
 
 Everything in ddpm_jax that runs on several devices is `jax.jit` of `jax.shard_map` over the mesh of `make_mesh`:
-the train step and the in-training sampler (`ddpm_jax.train_lib`), ``sample.py``'s sampler
-(`ddpm_jax.sample_lib.BatchSampler`) and the bits/dim evaluation (`ddpm_jax.evaluation.bpd_over_dataset`).
-Shared values (parameters, the train state) are replicated whole on every device (`replicate`, sharding ``P()``:
-no device axis, so a donated state is updated in place); batches carry a leading device axis ``[D, ...]`` and are
-split over it (`device_sharding`, ``P(AXIS)``).
+the train step (`ddpm_jax.train_lib`), every sampler and image chain (`IndexedMap`, through
+`ddpm_jax.batch_sampler.BatchSampler` for sample.py, the training grids and the evaluations, and directly for
+figures.py and edit.py) and the bits/dim evaluation (`ddpm_jax.evaluation.bpd_over_dataset`). Shared values
+(parameters, the train state) are replicated whole on every device (`replicate`, sharding ``P()``: no device axis,
+so a donated state is updated in place); batches carry a leading device axis ``[D, ...]`` and are split over it
+(`device_sharding`, ``P(AXIS)``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 AXIS = 'batch'
 SPLIT = jax.sharding.PartitionSpec(AXIS)  # split over the devices along the leading axis (batches)
@@ -78,7 +80,10 @@ def map_over_devices(fn: Callable[..., Any], devices: Sequence[Any]) -> Callable
     out = fn(shared, *jax.tree.map(lambda a: a[0], blocks))  # this device's [1, n, ...] block -> [n, ...]
     return jax.tree.map(lambda a: a[None], out)
 
-  mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(REPLICATED, SPLIT), out_specs=SPLIT))
+  # check_vma=False: each device computes its block alone (no collectives), so there is nothing for JAX's
+  # varying-axis checks to protect, and they would refuse ordinary scans whose carry starts from constants (the
+  # fast solvers' history of predictions).
+  mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(REPLICATED, SPLIT), out_specs=SPLIT, check_vma=False))
 
   def run(shared, *arrays):
     for i, a in enumerate(arrays):
@@ -90,3 +95,81 @@ def map_over_devices(fn: Callable[..., Any], devices: Sequence[Any]) -> Callable
     return mapped(shared, arrays)
 
   return run
+
+
+class IndexedMap:
+  """Computes ``fn(shared, key_i, *inputs_i)`` for global indices ``i`` over the local devices.
+
+  The one data-parallel map behind every sampler of ddpm_jax: index ``i`` draws its randomness from
+  ``key_i = fold_in(key, i)`` and sees only its own inputs, so its result depends on ``(key, i, inputs_i)`` alone:
+  not on the batch, the number of devices, or which other indices are computed with it. A call's indices are padded
+  to a multiple of the device count (with copies of the last one, dropped afterwards) and split over the devices;
+  each device vmaps ``fn`` over its share. One program is compiled per number of indices per device.
+
+  Args:
+    fn: ``fn(shared, key, *inputs) -> pytree of arrays`` for ONE index (no batch axis), pure.
+    shared: what every index reads (e.g. parameters), placed on the devices once (`replicate`); or None if every
+      call passes its own ``shared``.
+    key: the root PRNG key, or an int seed for ``jax.random.key(seed)``.
+    devices: this process's devices to use (default ``jax.local_devices()``).
+    all_processes: with several processes, split each call's indices over all of them (every process must make the
+      same call) and gather the results on every process (`multihost_utils.process_allgather`). Otherwise each
+      process computes all the indices it is given on its own devices.
+  """
+
+  def __init__(
+    self,
+    fn: Callable[..., Any],
+    shared: Any = None,
+    *,
+    key: jax.Array | int,
+    devices: Sequence[Any] | None = None,
+    all_processes: bool = False,
+  ):
+    self.devices = list(devices or jax.local_devices())
+    self.all_processes = all_processes
+    root = jax.random.key(key) if isinstance(key, (int, np.integer)) else key
+
+    def per_device(shared, indices, *inputs):
+      return jax.vmap(lambda i, *xs: fn(shared, jax.random.fold_in(root, i), *xs))(indices, *inputs)
+
+    self._run = map_over_devices(per_device, self.devices)
+    self._shared = None if shared is None else replicate(shared, self.devices)
+
+  def __call__(self, indices: Any, *inputs: Any, shared: Any = None) -> Any:
+    """``fn``'s results for ``indices`` [n] (ints >= 0), as host numpy arrays [n, ...].
+
+    Args:
+      indices: global indices.
+      *inputs: per-index inputs, arrays [n, ...] (row j goes with ``indices[j]``).
+      shared: replaces the constructor's ``shared`` for this call (a host pytree, copied to the devices).
+    """
+    indices = np.asarray(indices, np.int64)
+    inputs = tuple(np.asarray(x) for x in inputs)
+    n = len(indices)
+    if indices.ndim != 1 or n == 0 or indices.min() < 0:
+      raise ValueError(f'indices must be a non-empty 1-D array of ints >= 0, got shape {indices.shape}.')
+    for j, x in enumerate(inputs):
+      if x.shape[:1] != (n,):
+        raise ValueError(f'input {j + 1} has shape {x.shape}; its leading axis must be the {n} indices.')
+    shared = self._shared if shared is None else shared
+    if shared is None:
+      raise ValueError('IndexedMap was made without shared values: pass shared= to the call.')
+    gather = self.all_processes and jax.process_count() > 1
+    if gather:  # this process's equal share of the indices, padded to a multiple of the process count
+      per_process = -(-n // jax.process_count())
+      mine = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+      indices, *inputs = (_pad(a, per_process * jax.process_count())[mine] for a in (indices, *inputs))
+    n_dev = len(self.devices)
+    per = -(-len(indices) // n_dev)
+    blocks = [_pad(a, per * n_dev).reshape((n_dev, per) + a.shape[1:]) for a in (indices, *inputs)]
+    out = self._run(shared, blocks[0].astype(np.uint32), *blocks[1:])
+    out = jax.tree.map(lambda a: np.asarray(a).reshape((n_dev * per,) + a.shape[2:])[: len(indices)], out)
+    if gather:
+      out = jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True))
+    return jax.tree.map(lambda a: a[:n], out)
+
+
+def _pad(a: np.ndarray, length: int) -> np.ndarray:
+  """``a`` [m, ...] padded to ``length`` rows with copies of its last row."""
+  return np.concatenate([a, np.repeat(a[-1:], length - len(a), axis=0)]) if length > len(a) else a

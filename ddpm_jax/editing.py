@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion, errors, paths, sampling
+from ddpm_jax import diffusion, errors, guidance, paths, sampling
 from ddpm_jax.diffusion import DenoiseFn, MeanType, VarType
 from ddpm_jax.schedule import Schedule
 
@@ -402,7 +402,7 @@ def run(
   k = getattr(loaded.model, 'num_classes', 0)
   label = class_label if class_label is not None or not k else loaded.model.null_label()
   try:  # --class_label / --guidance_scale against this model
-    loading.check_conditioning(loaded.model, label, guidance_scale)
+    guidance.check_conditioning(k, label, guidance_scale, label_name='--class_label', scale_name='--guidance_scale')
   except ValueError as e:
     raise errors.UserError(str(e)) from None
   want = (loaded.image_size, loaded.image_size, loaded.in_channels)

@@ -36,8 +36,10 @@ import scipy.linalg
 import scipy.special
 from tqdm.auto import tqdm
 
+from ddpm_jax import batch_sampler
 from ddpm_jax import data_parallel
 from ddpm_jax import errors
+from ddpm_jax import guidance
 from ddpm_jax import inception as inception_lib
 from ddpm_jax import input_pipeline
 from ddpm_jax import loading
@@ -724,11 +726,14 @@ def run_class_accuracy(
     ``{'classifier_accuracy_on_real_digits', 'num_samples', 'results': [{'guidance_scale', 'accuracy',
     'per_class'}...], 'source'}``.
   """
-  from ddpm_jax import sample_lib  # pylint: disable=g-import-not-at-top
-
   scales = [float(w) for w in guidance_scales]
-  if not scales or min(scales) < 0:
-    raise errors.UserError(f'guidance_scales must be a non-empty list of numbers >= 0, got {scales}.')
+  if not scales:
+    raise errors.UserError('--guidance_scales must be a non-empty list of numbers >= 0, got none.')
+  for w in scales:
+    try:
+      guidance.check_guidance_scale(w, name='each of --guidance_scales')
+    except ValueError as e:
+      raise errors.UserError(str(e)) from None
   if num_samples < 1 or batch_size < 1:
     raise errors.UserError(f'num_samples and batch_size must be positive, got {num_samples} and {batch_size}.')
   loaded = loading.load_model(workdir=workdir, step=step)
@@ -745,7 +750,7 @@ def run_class_accuracy(
   clf, real_acc = digits_classifier()
   results = []
   for w in scales:
-    spec = sample_lib.SamplerSpec(
+    spec = batch_sampler.SamplerSpec(
       name=sampler,
       steps=steps,
       var_type=loaded.var_type,
@@ -753,12 +758,12 @@ def run_class_accuracy(
       clip_denoised=loaded.clip_denoised,
       guidance_scale=w,
     )
-    batch_sampler = sample_lib.BatchSampler(loaded.model, loaded.params, loaded.schedule, spec, (8, 8, 1), seed=seed)
+    images_of = batch_sampler.BatchSampler(loaded.model, loaded.params, loaded.schedule, spec, (8, 8, 1), seed=seed)
     images, labels = [], []
     for start in tqdm(range(0, num_samples, batch_size), desc=f'w={w:g}', disable=not progress):
       idx = np.arange(start, min(start + batch_size, num_samples))
-      images.append(batch_sampler(idx))
-      labels.append(batch_sampler.labels(idx))
+      images.append(images_of(idx))
+      labels.append(images_of.labels(idx))
     acc, per_class = class_accuracy(np.concatenate(images), np.concatenate(labels), clf)
     results.append(dict(guidance_scale=w, accuracy=acc, per_class=per_class.tolist()))
   return dict(

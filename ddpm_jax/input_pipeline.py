@@ -19,7 +19,7 @@ TensorFlow is imported lazily and never sees an accelerator.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 

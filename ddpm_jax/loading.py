@@ -33,12 +33,10 @@ import logging
 import os
 from typing import Any
 
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from ddpm_jax import checkpoint as checkpoint_lib
-from ddpm_jax import errors, releases, sampling, train_lib
+from ddpm_jax import errors, guidance, releases, train_lib
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax import schedule as sched_lib
 from ddpm_jax.formats import diffusers as diffusers_format
@@ -46,38 +44,6 @@ from ddpm_jax.formats import tf_checkpoint as tf_format
 from ddpm_jax.models.unet import UNet
 
 _log = logging.getLogger(__name__)
-
-
-def check_conditioning(model: UNet, class_label: Any, guidance_scale: float) -> None:
-  """Raises ValueError (before anything compiles) for labels or guidance the model cannot use.
-
-  Args:
-    model: the U-Net (``model.num_classes`` 0 = unconditional).
-    class_label: None, an int or an int array of labels in ``0..num_classes`` (``num_classes`` = null class).
-    guidance_scale: classifier-free guidance weight, >= 0.
-  """
-  k = getattr(model, 'num_classes', 0)
-  if not k:
-    if class_label is not None:
-      raise ValueError(
-        f'class_label={class_label!r} given, but this model is unconditional (num_classes=0); drop --class_label.'
-      )
-    if guidance_scale:
-      raise ValueError(
-        f'guidance_scale={guidance_scale!r} needs a class-conditional model (this one has '
-        'num_classes=0); use --guidance_scale 0.'
-      )
-    return
-  if not guidance_scale >= 0:
-    raise ValueError(f'guidance_scale must be >= 0 (0 = no guidance), got {guidance_scale!r}.')
-  if class_label is None:
-    raise ValueError(
-      f'This model is class-conditional (num_classes={k}): pass a class label in 0..{k - 1} '
-      f'(or {k}, the null class, for unconditional samples).'
-    )
-  labels = np.asarray(class_label)
-  if labels.dtype.kind not in 'iu' or labels.size == 0 or labels.min() < 0 or labels.max() > k:
-    raise ValueError(f'class_label must be ints in 0..{k - 1} (or {k}, the null class); got {class_label!r}.')
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -130,6 +96,8 @@ class LoadedModel:
   def denoise_fn(self, params: Any = None, *, class_label: Any = None, guidance_scale: float = 0.0):
     """``denoise_fn(x_t, t)`` for :mod:`ddpm_jax.sampling` (pass ``params`` when jitting over them).
 
+    `ddpm_jax.guidance.denoise_fn` of this model.
+
     Args:
       params: parameters (default ``self.params``).
       class_label: for a class-conditional model, an int or [B] ints in 0..K-1 (the model's ``null_label()``
@@ -137,18 +105,7 @@ class LoadedModel:
       guidance_scale: classifier-free guidance weight w (conditional models only; 0 = none).
     """
     params = self.params if params is None else params
-    check_conditioning(self.model, class_label, guidance_scale)
-    if class_label is None:
-      return lambda x, t: self.model.apply({'params': params}, x, t, train=False)
-    model_fn = lambda x, t, y: self.model.apply({'params': params}, x, t, y, train=False)
-
-    def denoise_fn(x, t):
-      labels = jnp.broadcast_to(jnp.asarray(class_label, jnp.int32), (x.shape[0],))
-      return sampling.classifier_free_guidance(
-        model_fn, labels, null_label=self.model.null_label(), guidance_scale=guidance_scale
-      )(x, t)
-
-    return denoise_fn
+    return guidance.denoise_fn(self.model, params, class_label=class_label, guidance_scale=guidance_scale)
 
   def sample_kwargs(self) -> dict:
     """Keyword arguments of :func:`ddpm_jax.sampling.p_sample_loop` for this model."""

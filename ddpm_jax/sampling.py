@@ -201,54 +201,6 @@ def remap_timesteps(denoise_fn: DenoiseFn, timestep_map: jax.Array | Sequence[in
   return lambda x_t, t: denoise_fn(x_t, jnp.take(timestep_map, t))
 
 
-def classifier_free_guidance(
-  model_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
-  labels: jax.Array,
-  *,
-  null_label: int,
-  guidance_scale: float | jax.Array,
-) -> DenoiseFn:
-  """A ``denoise_fn`` with classifier-free guidance (Ho & Salimans 2022) for a class-conditional network.
-
-  eps_hat = (1 + w) eps(x_t, c) - w eps(x_t, null). The conditional and unconditional predictions are computed in
-  ONE network call on the batch doubled along axis 0. w = 0 is the plain conditional model (then only the
-  conditional half is evaluated when ``guidance_scale`` is a Python number); w > 0 strengthens the class. Outputs
-  with more channels than the image (a learned variance) are guided on the first C channels only; the variance
-  channels are the conditional prediction's. For the x_0 parameterization the same linear combination is applied
-  to the predicted x_0, which is equivalent (x_0 is affine in eps at fixed x_t and t).
-
-  Args:
-    model_fn: ``model_fn(x_t [B', H, W, C], t [B'], y [B']) -> output [B', H, W, C']``.
-    labels: [B] int class labels in 0..K-1 (or ``null_label`` for unconditional samples).
-    null_label: the label of the null class the network was trained with (label dropout).
-    guidance_scale: w >= 0 (Python number or traced scalar).
-
-  Returns:
-    ``denoise_fn(x_t [B, H, W, C], t [B]) -> output [B, H, W, C']``.
-  """
-  if isinstance(guidance_scale, (int, float)) and guidance_scale < 0:
-    raise ValueError(f'guidance_scale must be >= 0, got {guidance_scale!r} (0 = no guidance).')
-  labels = jnp.asarray(labels, jnp.int32)
-  if labels.ndim != 1:
-    raise ValueError(f'labels must be [B] ints, got shape {labels.shape}.')
-
-  def denoise_fn(x_t, t):
-    if x_t.shape[0] != labels.shape[0]:
-      raise ValueError(f'labels has {labels.shape[0]} entries for a batch of {x_t.shape[0]}.')
-    if isinstance(guidance_scale, (int, float)) and guidance_scale == 0:
-      return model_fn(x_t, t, labels)
-    b, c = x_t.shape[0], x_t.shape[-1]
-    out = model_fn(
-      jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), jnp.concatenate([labels, jnp.full_like(labels, null_label)])
-    )
-    cond, uncond = out[:b], out[b:]
-    w = jnp.asarray(guidance_scale, out.dtype)
-    guided = (1 + w) * cond[..., :c] - w * uncond[..., :c]
-    return jnp.concatenate([guided, cond[..., c:]], axis=-1) if out.shape[-1] > c else guided
-
-  return denoise_fn
-
-
 def ddim_sample_loop(
   schedule: Schedule,
   denoise_fn: DenoiseFn,

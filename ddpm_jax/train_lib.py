@@ -33,17 +33,17 @@ import numpy as np
 import optax
 from absl import logging
 from jax import lax
-from jax.experimental import multihost_utils
 
+from ddpm_jax import batch_sampler
 from ddpm_jax import checkpoint as checkpoint_lib
 from ddpm_jax import cpu_tuning
 from ddpm_jax import data_parallel
 from ddpm_jax import diffusion
 from ddpm_jax import errors
+from ddpm_jax import guidance
 from ddpm_jax import image_grid
 from ddpm_jax import input_pipeline
 from ddpm_jax import paths
-from ddpm_jax import sampling
 from ddpm_jax import schedule as schedule_lib
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.data_parallel import AXIS, REPLICATED, SPLIT
@@ -152,10 +152,13 @@ def validate_config(
         f'model.class_dropout={m.class_dropout!r} must lie in [0, 1) (e.g. 0.1; 0 = no unconditional '
         'training, so no classifier-free guidance).'
       )
-  if s.get('guidance_scale', 0.0) < 0:
-    fail(f'sample.guidance_scale={s.guidance_scale!r} must be >= 0 (0 = no guidance).')
-  if s.get('guidance_scale', 0.0) and not m.get('num_classes', 0):
-    fail(f'sample.guidance_scale={s.guidance_scale} needs a class-conditional model (model.num_classes > 0).')
+  try:  # the training grids' guidance: image i of a class-conditional model has class i mod K
+    k = m.get('num_classes', 0)
+    guidance.check_conditioning(
+      k, 0 if k else None, s.get('guidance_scale', 0.0), label_name='class', scale_name='sample.guidance_scale'
+    )
+  except ValueError as e:
+    fail(str(e))
 
   df = config.diffusion
   if df.beta_schedule not in schedule_lib.BETA_SCHEDULES:
@@ -524,53 +527,6 @@ def make_p_train_step(devices=None, **step_kwargs) -> Callable:
   )
 
 
-def make_p_sample(
-  model: Any,
-  schedule: schedule_lib.Schedule,
-  *,
-  shape_per_device: tuple[int, ...],
-  mean_type: str,
-  var_type: str,
-  clip_denoised: bool,
-  guidance_scale: float = 0.0,
-  devices=None,
-) -> Callable:
-  """Data-parallel ancestral sampling: ``p_sample(params, key) -> [D, n, H, W, C]`` in [-1, 1].
-
-  ``params`` as `data_parallel.replicate` places them (the train state's ``ema_params``); device ``d`` draws its
-  ``n`` images from ``fold_in(key, d)``. A class-conditional model draws image ``i`` (global index ``d * n + j``)
-  of class ``i mod K``, with classifier-free guidance ``guidance_scale``.
-  """
-  num_classes = getattr(model, 'num_classes', 0)
-
-  def sample(params, key):
-    device = lax.axis_index(AXIS)
-    key = jax.random.fold_in(key, device)
-
-    def denoise_fn(x_t, t):
-      return model.apply({'params': params}, x_t, t, train=False)
-
-    if num_classes:
-      n = shape_per_device[0]
-      labels = (device * n + jnp.arange(n)) % num_classes
-      denoise_fn = sampling.classifier_free_guidance(
-        lambda x, t, y: model.apply({'params': params}, x, t, y, train=False),
-        labels,
-        null_label=num_classes,
-        guidance_scale=guidance_scale,
-      )
-    x = sampling.p_sample_loop(
-      schedule, denoise_fn, shape_per_device, key, mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised
-    )
-    return x[None]
-
-  return jax.jit(
-    jax.shard_map(
-      sample, mesh=data_parallel.make_mesh(devices), in_specs=(REPLICATED, REPLICATED), out_specs=SPLIT, check_vma=False
-    )
-  )
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------------------------
@@ -801,27 +757,28 @@ def _train(config, workdir, devices, images, labels, *, allow_config_change, is_
     groups_per_device=o.clip_groups // jax.device_count() if o.clip_groups else 0,
     class_dropout=float(config.model.get('class_dropout', 0.0)) if num_classes else 0.0,
   )
-  p_sample = None
-  if t.num_samples:
-    p_sample = make_p_sample(
-      model,
-      schedule,
-      shape_per_device=(t.num_samples // jax.device_count(),) + image_shape,
-      mean_type=df.mean_type,
+  grid_sampler = None
+  if t.num_samples:  # image i of the grid depends only on (seed, i): not on the device or process count
+    spec = batch_sampler.SamplerSpec(
+      name='ancestral',
       var_type=config.sample.var_type,
       clip_denoised=config.sample.clip_denoised,
+      mean_type=df.mean_type,
       guidance_scale=float(config.sample.get('guidance_scale', 0.0)),
+    )
+    grid_sampler = batch_sampler.BatchSampler(
+      model, None, schedule, spec, image_shape, seed=sample_key, all_processes=True
     )
 
   def write_samples(step, rstate):
-    samples = p_sample(rstate.ema_params, jax.random.fold_in(sample_key, step))
-    samples = multihost_utils.process_allgather(samples, tiled=True)  # every host's images, on every host
-    samples = input_pipeline.to_uint8(np.asarray(samples).reshape((-1,) + image_shape))
+    # Every host's images, on every host; the EMA parameters as host arrays for this process's devices.
+    samples = grid_sampler(np.arange(t.num_samples), params=data_parallel.unreplicate(rstate.ema_params))
     path = None
     if is_chief:
       scale, ncols = max(1, 128 // d.image_size), None
-      if num_classes:  # make_p_sample gives image i the class i mod K: show one row per class
-        samples, ncols = image_grid.rows_by_class(samples, np.arange(len(samples)) % num_classes)
+      labels = grid_sampler.labels(np.arange(len(samples)))
+      if labels is not None:  # image i has class i mod K: show one row per class
+        samples, ncols = image_grid.rows_by_class(samples, labels)
       path = image_grid.save_png(
         os.path.join(workdir, 'samples', f'step_{step:08d}.png'), samples, scale=scale, ncols=ncols
       )
@@ -909,7 +866,7 @@ def _train(config, workdir, devices, images, labels, *, allow_config_change, is_
             t_window, steps_window = now, 0
         if done % t.checkpoint_every == 0 or done == t.num_steps or stop.signum:
           save(done)
-        if p_sample is not None and ((t.sample_every and done % t.sample_every == 0) or done == t.num_steps):
+        if grid_sampler is not None and ((t.sample_every and done % t.sample_every == 0) or done == t.num_steps):
           summary['last_samples'] = write_samples(done, rstate)
         if stop.signum:
           summary['stopped_by_signal'] = signal.Signals(stop.signum).name

@@ -216,7 +216,16 @@ def test_sample_bad_inputs(world, tmp_path):
     (wd + out + ['--sampler', 'ddim', '--steps', '50'], ['steps must be in [1, 20]', '50']),
     (wd + out + ['--eta', '0.5'], ['eta=0.5']),
     (wd + out + ['--class_label', '1'], ['class_label=1', 'unconditional']),
-    (wd + out + ['--sampler', 'heun'], ['heun']),
+    (wd + out + ['--sampler', 'heun', '--eta', '0.3'], ["'heun' takes no eta", 'euler_ancestral']),
+    (wd + out + ['--sampler', 'plms2'], ['--sampler', 'plms2', 'dpmpp']),
+    (wd + out + ['--sampler', 'ddim', '--spacing', 'karras'], ["spacing 'karras'", 'linspace']),
+    (wd + out + ['--spacing', 'cubic'], ['--spacing', 'cubic']),
+    (wd + out + ['--sampler', 'dpmpp', '--steps', '0'], ['steps must be in [1, 20]', '0']),
+    (wd + out + ['--sampler', 'dpmpp', '--order', '4'], ['order=4', "'dpmpp'", '(1, 2, 3)']),
+    (wd + out + ['--sampler', 'euler', '--order', '2'], ["'euler' has no order"]),
+    (wd + out + ['--sampler', 'unipc', '--variant', 'bh3'], ["variant='bh3'", "('bh1', 'bh2')"]),
+    (wd + out + ['--sampler', 'pndm', '--steps', '3'], ['steps must be in [4, 20]']),
+    (wd + out + ['--guidance_scale', '2'], ['--guidance_scale=2.0', 'class-conditional']),
     (wd + ['--out', world['samples']], [world['samples'], 'other settings']),
   ]
   if world['ro_ok']:

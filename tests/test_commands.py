@@ -22,6 +22,7 @@ from configs import tiny  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from ddpm_jax import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax import batch_sampler  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import sample_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import train_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -58,8 +59,8 @@ def test_sample_from_workdir_uses_the_ema_parameters(run, tmp_path):
   assert summary['num_samples'] == 5 and summary['num_shards'] == 2
   got = sample_lib.load_samples(out)
   model = train_lib.build_model(config)
-  spec = sample_lib.SamplerSpec(var_type=config.sample.var_type, clip_denoised=True)
-  direct = sample_lib.BatchSampler(
+  spec = batch_sampler.SamplerSpec(var_type=config.sample.var_type, clip_denoised=True)
+  direct = batch_sampler.BatchSampler(
     model, _ema_params(workdir, config, 4), train_lib.build_schedule(config), spec, (8, 8, 1), seed=7
   )
   np.testing.assert_array_equal(got, direct(np.arange(5)))

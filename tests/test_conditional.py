@@ -18,11 +18,12 @@ if ROOT not in sys.path:
 from configs import digits_cond  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import data_parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax import guidance  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import image_grid  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import loading  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax import batch_sampler  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import sample_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import schedule as schedule_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import train_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax.formats import diffusers as diffusers_format  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -109,18 +110,18 @@ def test_guided_eps_equals_the_formula_in_one_batched_call():
   t = jnp.array([0, 3, 5, 9])
   y = jnp.array([0, 1, 2, 1])
   w = 2.5
-  out = sampling.classifier_free_guidance(model_fn, y, null_label=K, guidance_scale=w)(x, t)
+  out = guidance.classifier_free_guidance(model_fn, y, null_label=K, guidance_scale=w)(x, t)
   assert calls == [8]  # conditional and unconditional halves in ONE network call
   cond, uncond = model_fn(x, t, y), model_fn(x, t, jnp.full_like(y, K))
   np.testing.assert_allclose(out[..., :2], (1 + w) * cond[..., :2] - w * uncond[..., :2], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(out[..., 2:], cond[..., 2:])  # the variance channels are the conditional ones
   calls.clear()
   np.testing.assert_allclose(
-    sampling.classifier_free_guidance(model_fn, y, null_label=K, guidance_scale=0.0)(x, t), cond
+    guidance.classifier_free_guidance(model_fn, y, null_label=K, guidance_scale=0.0)(x, t), cond
   )
   assert calls == [4]  # w = 0: the conditional half only
   with pytest.raises(ValueError, match='guidance_scale'):
-    sampling.classifier_free_guidance(model_fn, y, null_label=K, guidance_scale=-1.0)
+    guidance.classifier_free_guidance(model_fn, y, null_label=K, guidance_scale=-1.0)
 
 
 def test_loaded_model_denoise_fn_checks_conditioning(cond):
@@ -251,8 +252,8 @@ def test_label_dropout_rate():
 
 def test_conditional_batch_sampler_labels_guidance_and_shards(tmp_path, cond):
   model, params = cond
-  spec = sample_lib.SamplerSpec(guidance_scale=2.0)
-  sampler = sample_lib.BatchSampler(model, params, SCHED, spec, SHAPE, seed=0)
+  spec = batch_sampler.SamplerSpec(guidance_scale=2.0)
+  sampler = batch_sampler.BatchSampler(model, params, SCHED, spec, SHAPE, seed=0)
   np.testing.assert_array_equal(sampler.labels(np.arange(7)), np.arange(7) % K)  # class i mod K
   out = str(tmp_path / 'cycle')
   sample_lib.sample_to_dir(sampler, out, num_samples=7, shard_size=4, image_shape=SHAPE, progress=False)
@@ -265,25 +266,32 @@ def test_conditional_batch_sampler_labels_guidance_and_shards(tmp_path, cond):
   np.testing.assert_array_equal(grid, np.repeat(np.repeat(image_grid.make_grid(rows, ncols=3)[..., 0], 16, 0), 16, 1))
   np.testing.assert_array_equal(rows[3:5], images[[1, 4]])  # second row: class 1
   # Image i of class k is the same whichever way the labels were chosen; another class gives another image.
-  fixed = sample_lib.BatchSampler(
-    model, params, SCHED, sample_lib.SamplerSpec(class_label=1, guidance_scale=2.0), SHAPE, seed=0
+  fixed = batch_sampler.BatchSampler(
+    model, params, SCHED, batch_sampler.SamplerSpec(class_label=1, guidance_scale=2.0), SHAPE, seed=0
   )
   np.testing.assert_array_equal(fixed(np.array([1, 4])), images[[1, 4]])
   assert not np.array_equal(fixed(np.array([0])), images[[0]])
   # Guidance changes the samples; w = 0 is the plain conditional model.
-  plain = sample_lib.BatchSampler(model, params, SCHED, sample_lib.SamplerSpec(class_label=1), SHAPE, seed=0)
+  plain = batch_sampler.BatchSampler(model, params, SCHED, batch_sampler.SamplerSpec(class_label=1), SHAPE, seed=0)
   assert not np.array_equal(plain(np.array([1, 4])), images[[1, 4]])
   # Every sampler takes labels and guidance.
   for name in ('respaced', 'ddim'):
-    s = sample_lib.BatchSampler(
-      model, params, SCHED, sample_lib.SamplerSpec(name=name, steps=5, class_label=2, guidance_scale=1.0), SHAPE, seed=0
+    s = batch_sampler.BatchSampler(
+      model,
+      params,
+      SCHED,
+      batch_sampler.SamplerSpec(name=name, steps=5, class_label=2, guidance_scale=1.0),
+      SHAPE,
+      seed=0,
     )
     assert s(np.arange(2)).shape == (2,) + SHAPE
   with pytest.raises(ValueError, match='class-conditional'):
-    sample_lib.BatchSampler(
-      UNet(**ARCH), _init(UNet(**ARCH)), SCHED, sample_lib.SamplerSpec(class_label=0), SHAPE, seed=0
+    batch_sampler.BatchSampler(
+      UNet(**ARCH), _init(UNet(**ARCH)), SCHED, batch_sampler.SamplerSpec(class_label=0), SHAPE, seed=0
     )
-  uncond = sample_lib.BatchSampler(UNet(**ARCH), _init(UNet(**ARCH)), SCHED, sample_lib.SamplerSpec(), SHAPE, seed=0)
+  uncond = batch_sampler.BatchSampler(
+    UNet(**ARCH), _init(UNet(**ARCH)), SCHED, batch_sampler.SamplerSpec(), SHAPE, seed=0
+  )
   assert uncond.labels(np.arange(3)) is None
   sample_lib.sample_to_dir(
     uncond, str(tmp_path / 'uncond'), num_samples=2, shard_size=2, image_shape=SHAPE, grid_size=0, progress=False

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import loading, releases, sample_lib, sampling
+from ddpm_jax import batch_sampler, loading, releases, sample_lib, sampling
 from ddpm_jax import schedule as sched_lib
 from ddpm_jax.formats import tf_checkpoint as tf_format
 from ddpm_jax.models import unet as unet_lib
@@ -89,8 +89,8 @@ def test_sample_command_runs_a_released_model_folder(tmp_path, tiny_params):
   assert settings['sampler']['var_type'] == 'fixedlarge' and settings['sampler']['clip_denoised'] is True
   pre = loading.load_diffusers(folder)
   assert pre.schedule.num_timesteps == 10
-  direct = sample_lib.BatchSampler(
-    pre.model, pre.params, pre.schedule, sample_lib.SamplerSpec(), (IMAGE_SIZE, IMAGE_SIZE, 3), seed=1
+  direct = batch_sampler.BatchSampler(
+    pre.model, pre.params, pre.schedule, batch_sampler.SamplerSpec(), (IMAGE_SIZE, IMAGE_SIZE, 3), seed=1
   )
   np.testing.assert_array_equal(images, direct(np.arange(3)))
   with pytest.raises(ValueError, match='exactly one'):

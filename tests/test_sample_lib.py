@@ -1,15 +1,17 @@
-"""Sharded, resumable, deterministic sampling to a folder."""
+"""The one data-parallel sampler (ddpm_jax.batch_sampler) and sharded, resumable sampling to a folder (sample_lib)."""
 
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import sample_lib
+from ddpm_jax import batch_sampler, data_parallel, sample_lib, sampling, solvers
 from ddpm_jax import schedule as sched_lib
+from ddpm_jax.input_pipeline import to_uint8
 from ddpm_jax.models import UNet
 
 SHAPE = (4, 4, 1)
@@ -27,7 +29,7 @@ def params():
 
 @pytest.fixture(scope='module')
 def sampler8(params):
-  return sample_lib.BatchSampler(MODEL, params, SCHED, sample_lib.SamplerSpec(), SHAPE, seed=3)
+  return batch_sampler.BatchSampler(MODEL, params, SCHED, batch_sampler.SamplerSpec(), SHAPE, seed=3)
 
 
 def test_exact_count_determinism_and_batch_independence(tmp_path, params, sampler8):
@@ -39,15 +41,15 @@ def test_exact_count_determinism_and_batch_independence(tmp_path, params, sample
   assert a.shape == (7,) + SHAPE and a.dtype == np.uint8
   assert os.path.exists(tmp_path / 'a' / 'grid.png')
   # Another shard size and a single device give the same images: image i depends on (seed, i) only.
-  one_device = sample_lib.BatchSampler(
-    MODEL, params, SCHED, sample_lib.SamplerSpec(), SHAPE, seed=3, devices=jax.local_devices()[:1]
+  one_device = batch_sampler.BatchSampler(
+    MODEL, params, SCHED, batch_sampler.SamplerSpec(), SHAPE, seed=3, devices=jax.local_devices()[:1]
   )
   sample_lib.sample_to_dir(
     one_device, str(tmp_path / 'b'), num_samples=7, shard_size=5, image_shape=SHAPE, progress=False
   )
   np.testing.assert_array_equal(sample_lib.load_samples(str(tmp_path / 'b')), a)
   assert len(np.unique(a.reshape(7, -1), axis=0)) == 7  # images differ from each other
-  other_seed = sample_lib.BatchSampler(MODEL, params, SCHED, sample_lib.SamplerSpec(), SHAPE, seed=4)
+  other_seed = batch_sampler.BatchSampler(MODEL, params, SCHED, batch_sampler.SamplerSpec(), SHAPE, seed=4)
   assert not np.array_equal(other_seed(np.arange(7)), a)
 
 
@@ -89,12 +91,12 @@ def test_resume_skips_finished_shards_and_refuses_other_settings(tmp_path, sampl
 @pytest.mark.parametrize(
   'spec',
   [
-    sample_lib.SamplerSpec(name='ddim', steps=5, eta=0.0),
-    sample_lib.SamplerSpec(name='respaced', steps=5, var_type='fixedsmall'),
+    batch_sampler.SamplerSpec(name='ddim', steps=5, eta=0.0),
+    batch_sampler.SamplerSpec(name='respaced', steps=5, var_type='fixedsmall'),
   ],
 )
 def test_fast_samplers_run(spec, params):
-  s = sample_lib.BatchSampler(MODEL, params, SCHED, spec, SHAPE, seed=0, devices=jax.local_devices()[:2])
+  s = batch_sampler.BatchSampler(MODEL, params, SCHED, spec, SHAPE, seed=0, devices=jax.local_devices()[:2])
   images = s(np.arange(3))
   assert images.shape == (3,) + SHAPE and images.dtype == np.uint8
 
@@ -102,13 +104,88 @@ def test_fast_samplers_run(spec, params):
 @pytest.mark.parametrize(
   'spec, match',
   [
-    (sample_lib.SamplerSpec(name='plms'), 'plms'),
-    (sample_lib.SamplerSpec(name='ancestral', steps=5), 'respaced'),
-    (sample_lib.SamplerSpec(name='ddim', steps=11), 'steps'),
-    (sample_lib.SamplerSpec(name='respaced', steps=5, eta=0.5), 'eta'),
-    (sample_lib.SamplerSpec(var_type='large'), 'large'),
+    (batch_sampler.SamplerSpec(name='plms2'), "Unknown sampler 'plms2'"),
+    (batch_sampler.SamplerSpec(name='heun', eta=0.5), "'heun' takes no eta"),
+    (batch_sampler.SamplerSpec(name='dpmpp', order=4), 'order=4'),
+    (batch_sampler.SamplerSpec(name='ddim', spacing='karras'), "spacing 'karras' is not available"),
+    (batch_sampler.SamplerSpec(guidance_scale=-1.0), 'guidance_scale must be >= 0'),
+    (batch_sampler.SamplerSpec(name='ancestral', steps=5), 'respaced'),
+    (batch_sampler.SamplerSpec(name='ddim', steps=11), 'steps'),
+    (batch_sampler.SamplerSpec(name='respaced', steps=5, eta=0.5), 'eta'),
+    (batch_sampler.SamplerSpec(var_type='large'), 'large'),
   ],
 )
 def test_bad_sampler_specs(spec, match):
   with pytest.raises(ValueError, match=match):
     spec.validate(SCHED.num_timesteps)
+
+
+@pytest.mark.parametrize(
+  'spec',
+  [
+    batch_sampler.SamplerSpec(),
+    batch_sampler.SamplerSpec(name='respaced', steps=4, var_type='fixedsmall'),
+    batch_sampler.SamplerSpec(name='ddim', steps=4, eta=0.5),
+    batch_sampler.SamplerSpec(name='ddim', steps=3, clip_denoised=False),
+  ],
+  ids=['ancestral', 'respaced', 'ddim', 'ddim_unclipped'],
+)
+def test_paper_samplers_are_the_sampling_loops_bit_for_bit(spec, params):
+  """Image i of the paper's three samplers is `sampling`'s loop from the key fold_in(key(seed), i), as it was
+  before the samplers went through `solvers.sample` (the formula below is the old sample_lib's, written out)."""
+  shape = (1,) + SHAPE
+  clip = True if spec.clip_denoised is None else spec.clip_denoised
+
+  def old(p, key):
+    denoise_fn = lambda x, t: MODEL.apply({'params': p}, x, t, train=False)
+    if spec.name == 'ddim':
+      x = sampling.ddim_sample_loop(
+        SCHED, denoise_fn, shape, key, num_steps=spec.steps, eta=spec.eta or 0.0, clip_denoised=clip
+      )
+    elif spec.name == 'respaced':
+      short, timestep_map = sched_lib.respace(SCHED, sched_lib.space_timesteps(SCHED.num_timesteps, spec.steps))
+      denoise_fn = sampling.remap_timesteps(denoise_fn, timestep_map)
+      x = sampling.p_sample_loop(short, denoise_fn, shape, key, var_type=spec.var_type, clip_denoised=clip)
+    else:
+      x = sampling.p_sample_loop(SCHED, denoise_fn, shape, key, var_type=spec.var_type, clip_denoised=clip)
+    return x[0]
+
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(3, dtype=jnp.uint32))
+  want = jax.jit(jax.vmap(old, in_axes=(None, 0)))(params, keys)
+  one = batch_sampler.image_fn(MODEL, SCHED, spec, SHAPE)
+  got = jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))(params, keys, jnp.zeros(3, jnp.int32))
+  np.testing.assert_array_equal(got, want)
+  images = batch_sampler.BatchSampler(MODEL, params, SCHED, spec, SHAPE, seed=3, devices=jax.local_devices()[:2])
+  np.testing.assert_array_equal(images(np.arange(3)), to_uint8(np.asarray(want)))
+
+
+@pytest.mark.parametrize('name', [n for n in solvers.SAMPLERS if n not in ('ancestral', 'respaced', 'ddim')])
+def test_every_solver_samples_through_the_batch_sampler(name, params):
+  """Each solver of the registry, with its defaults and 5 steps, over 3 devices: image i is the solver's own
+  sample from fold_in(key(seed), i), whatever the device count."""
+  spec = batch_sampler.SamplerSpec(name=name, steps=5)
+  images = batch_sampler.BatchSampler(MODEL, params, SCHED, spec, SHAPE, seed=2, devices=jax.local_devices()[:3])(
+    np.arange(4)
+  )
+  denoise_fn = lambda x, t: MODEL.apply({'params': params}, x, t, train=False)
+  direct = solvers.sample(name, SCHED, denoise_fn, (1,) + SHAPE, jax.random.fold_in(jax.random.key(2), 3), steps=5)
+  assert images.shape == (4,) + SHAPE and len(np.unique(images.reshape(4, -1), axis=0)) == 4
+  np.testing.assert_allclose(images[3].astype(int), to_uint8(np.asarray(direct))[0].astype(int), atol=1)
+
+
+def test_sampler_compiles_once_for_many_shards(params, monkeypatch):
+  """The sampler is traced once per batch shape: shards of one size reuse the compiled program (chex counts the
+  traces of the per-image function), and only a new size traces again."""
+  traced = chex.assert_max_traces(batch_sampler.image_fn(MODEL, SCHED, batch_sampler.SamplerSpec(), SHAPE), n=2)
+  monkeypatch.setattr(batch_sampler, 'image_fn', lambda *args: traced)
+  images = batch_sampler.BatchSampler(MODEL, params, SCHED, batch_sampler.SamplerSpec(), SHAPE, seed=0)
+  for start in range(0, 48, 16):  # three shards of 16 images, two per device
+    images(np.arange(start, start + 16))
+  images(np.arange(3))  # a last, smaller shard (one image per device): one more trace
+  with pytest.raises(AssertionError, match='traced > 2 times'):
+    images(np.arange(20))  # a third shape would be a third trace
+  # The generic map behind it: the same for any per-index function.
+  count = chex.assert_max_traces(lambda shared, key, x: x * shared + jax.random.uniform(key), n=1)
+  run = data_parallel.IndexedMap(count, np.float32(2.0), key=0)
+  first = run(np.arange(16), np.ones(16, np.float32))
+  np.testing.assert_array_equal(run(np.arange(16), np.ones(16, np.float32)), first)

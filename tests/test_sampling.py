@@ -2,7 +2,6 @@
 
 import functools
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,18 +106,6 @@ def test_trace_snapshots_and_determinism():
       np.testing.assert_allclose(trace.pred_xstart[3 - i // 5], pred, rtol=1e-5, atol=1e-6)
   other = sampling.p_sample_loop(sched, denoise, shape, jax.random.key(6))
   assert not np.allclose(other, plain)
-
-
-def test_sampler_compiles_once_per_shape():
-  sched = sched_lib.get_schedule('linear', num_timesteps=10)
-
-  @jax.jit
-  @chex.assert_max_traces(n=1)
-  def run(scale, key):
-    return sampling.p_sample_loop(sched, lambda x, t: scale * x, (2, 4, 4, 1), key)
-
-  for seed in range(3):
-    run(jnp.float32(0.1 * seed), jax.random.key(seed))
 
 
 def test_sampler_under_pmap_with_per_device_keys():

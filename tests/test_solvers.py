@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
-from ddpm_jax import sampling, solvers
+from ddpm_jax import guidance, sampling, solvers
 from ddpm_jax import schedule as sched_lib
 from ddpm_jax.models import UNet, get_timestep_embedding
 
@@ -411,7 +411,7 @@ def test_classifier_free_guidance_acts_on_the_prediction():
     return toy_eps(x, t) + 0.1 * (y.astype(jnp.float32) - 1.5).reshape((-1,) + (1,) * (x.ndim - 1))
 
   labels = jnp.array([0, 1, 2])
-  guided = sampling.classifier_free_guidance(model_fn, labels, null_label=3, guidance_scale=2.0)
+  guided = guidance.classifier_free_guidance(model_fn, labels, null_label=3, guidance_scale=2.0)
   by_hand = lambda x, t: 3.0 * model_fn(x, t, labels) - 2.0 * model_fn(x, t, jnp.full_like(labels, 3))
   key = jax.random.key(9)
   for name in ('unipc', 'heun'):
