@@ -19,12 +19,13 @@ import json
 
 from absl import app, flags
 
-from ddpm_jax import cli, cpu_tuning, editing, loading, paths
+from ddpm_jax import cli, cpu_tuning, edit_lib, editing, loading, paths
 
-_MODE = flags.DEFINE_enum('mode', None, editing.MODES, 'inpaint (RePaint) or sdedit.')
+_MODE = flags.DEFINE_enum('mode', None, edit_lib.MODES, 'inpaint (RePaint) or sdedit.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (its EMA parameters).')
 _PRETRAINED = flags.DEFINE_string('pretrained', None, 'Released model instead of --workdir (see sample.py).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step of --workdir (default newest).')
+_LAYERS = cli.define_layers_flag()
 _IMAGE = flags.DEFINE_string('image', None, 'A PNG/JPEG to edit (center-cropped and resized to the model).')
 _DATASET = flags.DEFINE_string(
   'dataset', None, 'Edit the first --num_images of a dataset instead (digits, cifar10, folder, ...).'
@@ -58,8 +59,10 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cpu_tuning.tune_cpu('inference')  # faster XLA:CPU kernels for sampling; no effect on GPU/TPU
   paths.check_output_dir(_OUT.value, '--out')  # before the model is loaded
-  loaded = loading.load_model(workdir=_WORKDIR.value, pretrained=_PRETRAINED.value, step=_STEP.value)
-  images, source = editing.load_images(
+  loaded = loading.load_model(
+    workdir=_WORKDIR.value, pretrained=_PRETRAINED.value, step=_STEP.value, layers=_LAYERS.value
+  )
+  images, source = edit_lib.load_images(
     image=_IMAGE.value,
     dataset=_DATASET.value,
     image_size=loaded.image_size,
@@ -69,7 +72,7 @@ def main(argv):
     folder=_FOLDER.value,
     data_dir=_DATA_DIR.value,
   )
-  summary = editing.run(
+  summary = edit_lib.run(
     mode=_MODE.value,
     out_dir=_OUT.value,
     images=images,

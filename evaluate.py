@@ -17,7 +17,7 @@ import os
 
 from absl import app, flags
 
-from ddpm_jax import cli, cpu_tuning, evaluation, paths, solvers
+from ddpm_jax import cli, cpu_tuning, evaluate_lib, paths, solvers
 from ddpm_jax import workdir as workdir_lib
 
 _METRIC = flags.DEFINE_enum(
@@ -40,6 +40,7 @@ _REF_FOLDER = flags.DEFINE_string('ref_folder', '', '[fid] Image folder as refer
 _WORKDIR = flags.DEFINE_string('workdir', None, '[bpd, class_accuracy] Training workdir (EMA parameters).')
 _PRETRAINED = flags.DEFINE_string('pretrained', None, '[bpd] Released model instead of --workdir.')
 _STEP = flags.DEFINE_integer('step', None, '[bpd, class_accuracy] Checkpoint step (default newest).')
+_LAYERS = cli.define_layers_flag('[bpd, class_accuracy] ')
 _DATASET = flags.DEFINE_string(
   'dataset',
   None,
@@ -71,7 +72,7 @@ def main(argv):
     missing = [n for n, f in (('--samples', _SAMPLES), ('--ref_stats', _REF_STATS)) if not f.value]
     if missing:
       raise app.UsageError(f'--metric fid needs {", ".join(missing)}.')
-    result = evaluation.run_fid(
+    result = evaluate_lib.run_fid(
       samples_dir=_SAMPLES.value,
       inception_weights=_WEIGHTS.value,
       ref_stats=_REF_STATS.value,
@@ -89,7 +90,7 @@ def main(argv):
       scales = [float(w) for w in _SCALES.value]
     except ValueError as e:
       raise app.UsageError(f'--guidance_scales must be numbers, got {_SCALES.value}') from e
-    result = evaluation.run_class_accuracy(
+    result = evaluate_lib.run_class_accuracy(
       workdir=_WORKDIR.value,
       guidance_scales=scales,
       num_samples=_NUM_SAMPLES.value,
@@ -97,6 +98,7 @@ def main(argv):
       steps=_STEPS.value,
       seed=_SEED.value,
       step=_STEP.value,
+      layers=_LAYERS.value,
     )
     out = _OUT.value or os.path.join(_WORKDIR.value, 'class_accuracy.json')
     for r in result['results']:
@@ -109,10 +111,11 @@ def main(argv):
       folder=_FOLDER.value,
       data_dir=_DATA_DIR.value,
     )
-    result = evaluation.run_bpd(
+    result = evaluate_lib.run_bpd(
       workdir=_WORKDIR.value,
       pretrained=_PRETRAINED.value,
       step=_STEP.value,
+      layers=_LAYERS.value,
       split=_SPLIT.value,
       batch_size=_BATCH_SIZE.value,
       num_images=_NUM_IMAGES.value,

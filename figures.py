@@ -14,17 +14,15 @@ rate_distortion: the bound's per-step terms on --num_images images (T network ca
 
 import json
 
-import jax
-import numpy as np
 from absl import app, flags
 
-from ddpm_jax import cli, cpu_tuning, figures, input_pipeline, loading, paths
-from ddpm_jax import workdir as workdir_lib
+from ddpm_jax import cli, cpu_tuning, figures_lib
 
-_FIGURE = flags.DEFINE_enum('figure', None, figures.FIGURES, 'Which figure.')
+_FIGURE = flags.DEFINE_enum('figure', None, figures_lib.FIGURES, 'Which figure.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (EMA parameters).')
 _PRETRAINED = flags.DEFINE_string('pretrained', None, 'Released model instead of --workdir.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default newest).')
+_LAYERS = cli.define_layers_flag()
 _DATASET = flags.DEFINE_string(
   'dataset',
   None,
@@ -44,47 +42,19 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cpu_tuning.tune_cpu('inference')  # faster XLA:CPU kernels for sampling; no effect on GPU/TPU
-  out = paths.check_output_file(_OUT.value, '--out', extensions=('.png',))
-  if _NUM_IMAGES.value < 1:
-    raise app.UsageError(f'--num_images={_NUM_IMAGES.value} must be positive (the rows of the figure).')
-  if _FIGURE.value == 'interpolate' and _NUM_IMAGES.value < 2:
-    raise app.UsageError(
-      f'--figure interpolate mixes pairs of images: --num_images must be >= 2, got {_NUM_IMAGES.value}.'
-    )
-  if _FIGURE.value != 'progressive':  # the real images: this model's own data unless --dataset says otherwise
-    data = workdir_lib.resolve_data_source(
-      workdir=_WORKDIR.value,
-      pretrained=_PRETRAINED.value,
-      dataset=_DATASET.value,
-      folder=_FOLDER.value,
-      data_dir=_DATA_DIR.value,
-    )
-  loaded = loading.load_model(workdir=_WORKDIR.value, pretrained=_PRETRAINED.value, step=_STEP.value)
-  if _FIGURE.value != 'progressive':
-    images = next(
-      input_pipeline.eval_images(
-        data['dataset'],
-        split=_SPLIT.value,
-        image_size=loaded.image_size,
-        channels=loaded.in_channels,
-        batch_size=_NUM_IMAGES.value,
-        folder=data['folder'],
-        data_dir=data['data_dir'],
-        num_images=_NUM_IMAGES.value,
-      )
-    )
-  else:  # progressive generation starts from noise; no real images needed
-    images = np.zeros((_NUM_IMAGES.value, loaded.image_size, loaded.image_size, loaded.in_channels), np.uint8)
-  info = figures.make_figure(
-    _FIGURE.value,
-    model=loaded.model,
-    params=loaded.params,
-    schedule=loaded.schedule,
-    images=images,
-    out=out,
-    key=jax.random.key(_SEED.value),
-    sample_kwargs=loaded.sample_kwargs(),
+  info = figures_lib.run(
+    figure=_FIGURE.value,
+    out=_OUT.value,
+    workdir=_WORKDIR.value,
+    pretrained=_PRETRAINED.value,
+    step=_STEP.value,
+    layers=_LAYERS.value,
+    dataset=_DATASET.value,
+    split=_SPLIT.value,
+    folder=_FOLDER.value,
+    data_dir=_DATA_DIR.value,
     num_images=_NUM_IMAGES.value,
+    seed=_SEED.value,
   )
   print(json.dumps(info, indent=2))
 

@@ -27,6 +27,7 @@ _PRETRAINED = flags.DEFINE_string(
   '(google/ddpm-cifar10-32, ...) or a TF checkpoint prefix (model.ckpt-790000).',
 )
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step of --workdir (default: the newest readable one).')
+_LAYERS = cli.define_layers_flag()
 _OUT = flags.DEFINE_string('out', None, 'Output folder for samples_*.npz, grid.png and sampling.json.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 64, 'Exactly how many images to write (paper FID: 50000).')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 256, 'Images per shard and per compiled call, over all devices.')
@@ -92,6 +93,7 @@ def main(argv):
     grid_size=_GRID.value,
     class_label=_CLASS.value,
     guidance_scale=_GUIDANCE.value,
+    layers=_LAYERS.value,
   )
   logging.info('Done: %s', summary)
   print(

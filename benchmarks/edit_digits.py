@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ddpm_jax import editing, evaluation, input_pipeline, loading  # pylint: disable=wrong-import-position
+from ddpm_jax import edit_lib, evaluation, input_pipeline, loading  # pylint: disable=wrong-import-position
 
 
 def held_out_digits(num_images: int, seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +63,7 @@ def main(argv=None) -> list[dict]:
   for mode, kwargs in settings:
     name = mode + ''.join(f'_{k}{v}' for k, v in kwargs.items())
     t0 = time.time()
-    summary = editing.run(
+    summary = edit_lib.run(
       mode=mode,
       out_dir=os.path.join(a.out, name),
       images=images,

@@ -87,6 +87,31 @@ class SamplerSpec:
       guidance.check_conditioning(num_classes, label, self.guidance_scale)
 
 
+def spec_for_model(
+  loaded: Any, name: str = 'ancestral', *, var_type: str | None = None, clip_denoised: bool | None = None, **options
+) -> SamplerSpec:
+  """A :class:`SamplerSpec` with a loaded model's own sampling settings unless given.
+
+  Args:
+    loaded: a `ddpm_jax.loading.LoadedModel` (its ``mean_type``, ``var_type`` and ``clip_denoised``).
+    name: the sampler.
+    var_type: the reverse variance (None: the model's).
+    clip_denoised: None: the model's setting for the paper's samplers (ancestral, respaced, ddim: they clip as the
+      model was meant to be sampled), the solver's default (off, as in diffusers) for the others.
+    **options: the other fields of :class:`SamplerSpec`.
+  """
+  info = solvers.SAMPLERS.get(name)
+  if clip_denoised is None and info is not None and info.default_clip:
+    clip_denoised = loaded.clip_denoised
+  return SamplerSpec(
+    name=name,
+    var_type=var_type or loaded.var_type,
+    mean_type=loaded.mean_type,
+    clip_denoised=clip_denoised,
+    **options,
+  )
+
+
 def image_fn(
   model: Any, schedule: sched_lib.Schedule, spec: SamplerSpec, image_shape: Sequence[int]
 ) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:

@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from ddpm_jax import errors
 
@@ -47,8 +48,6 @@ class _DropOrbaxInfo(logging.Filter):
 
 
 def _quiet_orbax() -> None:
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _DropOrbaxInfo) for f in handler.filters):
     handler.addFilter(_DropOrbaxInfo())

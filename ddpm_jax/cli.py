@@ -150,6 +150,22 @@ def define_config_file(name: str, default: str, help_string: str, **kwargs: Any)
     _exit_user_error(message, e)
 
 
+def define_layers_flag(prefix: str = '') -> Any:
+  """``--layers auto|reference|cpu`` of every command that loads a model (see `ddpm_jax.loading.load_model`).
+
+  Unset (None), it means the run's ``model.layers`` for ``--workdir`` and 'auto' for ``--pretrained``. Returns the
+  flag holder; ``prefix`` starts its help (e.g. ``'[bpd] '``).
+  """
+  return flags.DEFINE_enum(
+    'layers',
+    None,
+    list(cpu_tuning.LAYER_CHOICES),
+    prefix + "The U-Net's implementation (the same parameters and network): auto = the CPU layers on XLA:CPU, the "
+    'reference layers (plain Flax) elsewhere; reference or cpu to force one. Default: auto, or the model.layers '
+    'of a --workdir run.',
+  )
+
+
 def _flag_argument(argv: Sequence[str], name: str, default: Any) -> Any:
   """The value given to ``--name`` in ``argv`` (``--name=v`` or ``--name v``), else ``default``."""
   value = default

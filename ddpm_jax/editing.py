@@ -10,9 +10,10 @@ Neither needs retraining: both steer the paper's ancestral sampler with a real i
   chain from there: small ``t_start`` keeps the layout and details, large ``t_start`` keeps only the coarse
   structure (``t_start = T - 1`` forgets the image). The paper's reconstruction experiment (Sec. 4.3) is this.
 
-The ``run`` function at the bottom is what the ``edit.py`` command calls: load a model and images, edit, write
-PNGs. The network enters the math only as ``denoise_fn(x_t, t)`` (see :mod:`ddpm_jax.diffusion`), so a
-class-conditional model with classifier-free guidance inpaints and edits unchanged.
+The network enters the math only as ``denoise_fn(x_t, t)`` (see :mod:`ddpm_jax.diffusion`), so a
+class-conditional model with classifier-free guidance (`ddpm_jax.guidance.denoise_fn`) inpaints and edits
+unchanged. What the ``edit.py`` command does around these (models, image files, masks, output folders) is
+`ddpm_jax.edit_lib`.
 
 State indexing: ``x_n`` is the image after ``n`` forward steps (``x_0`` the data, ``x_T`` pure noise). The
 network's code timestep for the reverse step ``x_n -> x_{n-1}`` is ``t = n - 1``.
@@ -20,21 +21,16 @@ network's code timestep for the reverse step ``x_n -> x_{n-1}`` is ``t = n - 1``
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
-import os
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion, errors, guidance, paths, sampling
+from ddpm_jax import diffusion, sampling
 from ddpm_jax.diffusion import DenoiseFn, MeanType, VarType
 from ddpm_jax.schedule import Schedule
 
-MODES = ('inpaint', 'sdedit')
 # Regions that ``--mask`` names instead of a PNG: the part of the image to regenerate.
 MASK_PRESETS = ('center', 'left', 'right', 'top', 'bottom')
 
@@ -61,9 +57,9 @@ def repaint_path(num_timesteps: int, *, jump_length: int = 1, jump_n_sample: int
   """
   for name, value in (('num_timesteps', num_timesteps), ('jump_length', jump_length), ('jump_n_sample', jump_n_sample)):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-      raise errors.UserError(f'{name} must be a positive integer, got {value!r}.')
+      raise ValueError(f'{name} must be a positive integer, got {value!r}.')
   if jump_n_sample > 1 and jump_length >= num_timesteps:
-    raise errors.UserError(
+    raise ValueError(
       f'jump_length={jump_length} leaves no resampling point in T = {num_timesteps} steps; '
       f'use a jump_length below {num_timesteps}, or jump_n_sample=1 for no jumps.'
     )
@@ -229,7 +225,7 @@ def preset_mask(name: str, image_size: int) -> np.ndarray:
   side.
   """
   if name not in MASK_PRESETS:
-    raise errors.UserError(f'Unknown mask preset {name!r}; choose one of {MASK_PRESETS} or give a PNG path.')
+    raise ValueError(f'Unknown mask preset {name!r}; choose one of {MASK_PRESETS} or give a PNG path.')
   s, h = image_size, image_size // 2
   m = np.zeros((s, s, 1), bool)
   if name == 'left':
@@ -244,278 +240,3 @@ def preset_mask(name: str, image_size: int) -> np.ndarray:
     q = (s - h) // 2
     m[q : q + h, q : q + h] = True
   return m
-
-
-def load_mask(spec: str, image_size: int) -> np.ndarray:
-  """The region to regenerate, [S, S, 1] bool: a preset name or a PNG/JPEG whose white (>= 128) pixels mark it.
-
-  A mask image of another size is resized with nearest-neighbour sampling.
-  """
-  if spec in MASK_PRESETS:
-    return preset_mask(spec, image_size)
-  if not os.path.isfile(spec):
-    raise errors.UserError(f'--mask {spec!r} is neither a preset {MASK_PRESETS} nor an existing image file.')
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  with Image.open(spec) as im:
-    im = im.convert('L')
-    if im.size != (image_size, image_size):
-      im = im.resize((image_size, image_size), Image.Resampling.NEAREST)
-    m = np.asarray(im) >= 128
-  return m[..., None]
-
-
-# ------------------------------------------------------------------------------------------------ the command
-
-
-@dataclasses.dataclass(frozen=True)
-class EditSpec:
-  """What ``edit.py`` does to each image.
-
-  Attributes:
-    mode: 'inpaint' or 'sdedit'.
-    mask: inpaint: a preset region (``MASK_PRESETS``) or a mask image path; white = regenerate.
-    jump_length: inpaint: forward steps per resampling jump.
-    jump_n_sample: inpaint: traversals of each resampling stretch (1 = no jumps).
-    t_start: sdedit: code timestep to noise to, 0..T-1.
-    num_samples: results per input image (each from its own noise).
-    class_label: class-conditional models: the class to steer towards (None = the null class, unconditional).
-    guidance_scale: classifier-free guidance weight w (class-conditional models only).
-  """
-
-  mode: str
-  mask: str | None = None
-  jump_length: int = 1
-  jump_n_sample: int = 1
-  t_start: int | None = None
-  num_samples: int = 4
-  class_label: int | None = None
-  guidance_scale: float = 0.0
-
-  def validate(self, num_timesteps: int) -> None:
-    """Raises ValueError naming the bad value and the fix (before anything compiles)."""
-    if self.mode not in MODES:
-      raise errors.UserError(f'Unknown --mode {self.mode!r}; choose one of {MODES}.')
-    if not isinstance(self.num_samples, int) or self.num_samples < 1:
-      raise errors.UserError(f'--num_samples must be a positive integer, got {self.num_samples!r}.')
-    if self.mode == 'inpaint':
-      if not self.mask:
-        raise errors.UserError(
-          f'--mode inpaint needs --mask: a preset {MASK_PRESETS} or a PNG whose white pixels mark '
-          'the region to regenerate.'
-        )
-      if self.t_start is not None:
-        raise errors.UserError('--t_start applies to --mode sdedit only; inpainting always starts from noise.')
-      repaint_path(num_timesteps, jump_length=self.jump_length, jump_n_sample=self.jump_n_sample)
-    else:
-      if self.t_start is None:
-        raise errors.UserError(
-          f'--mode sdedit needs --t_start in [0, {num_timesteps - 1}] (e.g. {num_timesteps // 2 - 1}:'
-          ' lower keeps more of the input).'
-        )
-      if not 0 <= self.t_start < num_timesteps:
-        raise errors.UserError(
-          f'--t_start={self.t_start} must lie in [0, {num_timesteps - 1}] (code timesteps; paper time is t_start + 1).'
-        )
-      if self.mask is not None or self.jump_length != 1 or self.jump_n_sample != 1:
-        raise errors.UserError('--mask, --jump_length and --jump_n_sample apply to --mode inpaint only.')
-
-
-def _write_settings(out_dir: str, settings: dict) -> None:
-  """Records the settings; refuses a folder holding results of other settings (so none is overwritten)."""
-  path = os.path.join(out_dir, 'edit.json')
-  settings = json.loads(json.dumps(settings, default=str))
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    if old != settings:
-      diff = {
-        k: (old.get(k), settings.get(k)) for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)
-      }
-      raise errors.UserError(f'{out_dir!r} holds results of other settings {diff} (old, new); choose another --out.')
-  with open(path + '.tmp', 'w') as f:
-    json.dump(settings, f, indent=2, sort_keys=True)
-  os.replace(path + '.tmp', path)
-
-
-def run(
-  *,
-  mode: str,
-  out_dir: str,
-  images: np.ndarray,
-  workdir: str | None = None,
-  pretrained: str | None = None,
-  step: int | None = None,
-  mask: str | None = None,
-  jump_length: int = 1,
-  jump_n_sample: int = 1,
-  t_start: int | None = None,
-  num_samples: int = 4,
-  seed: int = 0,
-  class_label: int | None = None,
-  guidance_scale: float = 0.0,
-  source_name: str = '',
-  loaded: Any = None,
-) -> dict:
-  """What ``edit.py`` does: inpaint or SDEdit ``images`` with a model, writing PNGs and ``results.npz``.
-
-  Every argument is checked before anything compiles. Result ``j`` of image ``i`` depends only on
-  ``(seed, i, j)``.
-
-  Args:
-    mode: 'inpaint' or 'sdedit'.
-    out_dir: output folder: ``grid.png`` (one row per image: the input, the masked input or x_t, then the
-      results), ``result_<i>_<j>.png``, ``results.npz`` (uint8 ``inputs``, ``results`` [N, num_samples, S, S, C],
-      ``regenerate`` masks) and ``edit.json``.
-    images: uint8 [N, S, S, C] inputs at the model's resolution and channels.
-    workdir, pretrained, step: the model, as for ``sample.py`` (exactly one of workdir and pretrained).
-    mask, jump_length, jump_n_sample, t_start, num_samples, class_label, guidance_scale: see :class:`EditSpec`.
-    seed: PRNG seed.
-    source_name: where the images came from, recorded in ``edit.json``.
-    loaded: an already loaded model (a ``loading.LoadedModel``) instead of ``workdir``/``pretrained``.
-
-  Returns:
-    A summary dict: ``out_dir``, ``grid``, ``num_images``, ``num_samples``, ``network_calls_per_result`` and,
-    for inpainting, ``known_pixels_max_abs_error`` (0 unless something is wrong).
-  """
-  # pylint: disable-next=g-import-not-at-top
-  from ddpm_jax import image_grid, input_pipeline, loading
-
-  paths.check_output_dir(out_dir, '--out')
-  images = np.asarray(images)
-  if images.ndim != 4 or images.dtype != np.uint8 or not len(images):
-    raise errors.UserError(f'images must be uint8 [N, S, S, C] with N >= 1, got {images.dtype} {images.shape}.')
-  if loaded is None:
-    loaded = loading.load_model(workdir=workdir, pretrained=pretrained, step=step)
-  big_t = loaded.schedule.num_timesteps
-  spec = EditSpec(
-    mode=mode,
-    mask=mask,
-    jump_length=jump_length,
-    jump_n_sample=jump_n_sample,
-    t_start=t_start,
-    num_samples=num_samples,
-    class_label=class_label,
-    guidance_scale=guidance_scale,
-  )
-  spec.validate(big_t)
-  k = getattr(loaded.model, 'num_classes', 0)
-  label = class_label if class_label is not None or not k else loaded.model.null_label()
-  try:  # --class_label / --guidance_scale against this model
-    guidance.check_conditioning(k, label, guidance_scale, label_name='--class_label', scale_name='--guidance_scale')
-  except ValueError as e:
-    raise errors.UserError(str(e)) from None
-  want = (loaded.image_size, loaded.image_size, loaded.in_channels)
-  if images.shape[1:] != want:
-    raise errors.UserError(
-      f'images are {images.shape[1:]} but the model takes {want}; resize them first '
-      '(input_pipeline.load_image_file does).'
-    )
-  regenerate = load_mask(mask, loaded.image_size) if mode == 'inpaint' else np.zeros(want[:2] + (1,), bool)
-
-  n, s = len(images), spec.num_samples
-  x0 = jnp.asarray(input_pipeline.to_model_range(images))
-  known = jnp.asarray(~regenerate)
-  sample_kwargs = loaded.sample_kwargs()
-
-  # Before any compilation: a folder of other results is refused, never overwritten.
-  os.makedirs(out_dir, exist_ok=True)
-  settings = dict(
-    spec=dataclasses.asdict(spec),
-    seed=seed,
-    model=loaded.source,
-    images=source_name,
-    num_images=n,
-    sample_kwargs=sample_kwargs,
-  )
-  _write_settings(out_dir, settings)
-
-  def edit_one(params, x, key):
-    """One result and what the grid shows beside the input (the masked input, or x_t)."""
-    denoise_fn = loaded.denoise_fn(params, class_label=label, guidance_scale=guidance_scale)
-    if mode == 'inpaint':
-      result = inpaint(
-        loaded.schedule,
-        denoise_fn,
-        x[None],
-        known[None],
-        key,
-        jump_length=jump_length,
-        jump_n_sample=jump_n_sample,
-        **sample_kwargs,
-      )[0]
-      return result, jnp.where(known, x, 0.0)  # grey where the model fills in
-    res = sdedit(loaded.schedule, denoise_fn, x[None], int(t_start), key, **sample_kwargs)
-    return res.x_edit[0], res.x_t[0]
-
-  root = jax.random.key(seed)
-  keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(n * s, dtype=jnp.uint32))
-  logging.info('%s: %d images x %d results with %s.', mode, n, s, loaded.source)
-  fn = jax.jit(jax.vmap(edit_one, in_axes=(None, 0, 0)))
-  out, shown = fn(loaded.params, jnp.repeat(x0, s, axis=0), keys)
-  results = input_pipeline.to_uint8(np.asarray(out)).reshape((n, s) + want)
-  shown = input_pipeline.to_uint8(np.asarray(shown)).reshape((n, s) + want)[:, 0]  # of each image's first result
-
-  for i in range(n):
-    for j in range(s):
-      image_grid.save_png(os.path.join(out_dir, f'result_{i:03d}_{j:02d}.png'), results[i, j : j + 1], padding=0)
-  rows = np.concatenate([images[:, None], shown[:, None], results], axis=1).reshape((-1,) + want)
-  grid = image_grid.save_png(
-    os.path.join(out_dir, 'grid.png'), rows, ncols=s + 2, scale=max(1, 64 // loaded.image_size)
-  )
-  tmp = os.path.join(out_dir, 'results.tmp.npz')
-  np.savez(tmp, inputs=images, results=results, regenerate=np.broadcast_to(regenerate, want))
-  os.replace(tmp, os.path.join(out_dir, 'results.npz'))
-  summary = dict(out_dir=out_dir, grid=grid, num_images=n, num_samples=s)
-  if mode == 'inpaint':
-    path = repaint_path(big_t, jump_length=jump_length, jump_n_sample=jump_n_sample)
-    summary['network_calls_per_result'] = int(np.sum(np.diff(path) < 0))
-    keep = np.broadcast_to(~regenerate, want)
-    err = np.abs(results.astype(np.int16) - images[:, None].astype(np.int16))
-    summary['known_pixels_max_abs_error'] = int(err[:, :, keep].max()) if keep.any() else 0
-  else:
-    summary['network_calls_per_result'] = int(t_start) + 1
-  return summary
-
-
-def load_images(
-  *,
-  image: str | None,
-  dataset: str | None,
-  image_size: int,
-  channels: int,
-  num_images: int,
-  split: str = 'test',
-  folder: str = '',
-  data_dir: str = '',
-) -> tuple[np.ndarray, str]:
-  """The inputs of ``edit.py``: one image file, or the first ``num_images`` of a dataset split.
-
-  Returns:
-    ``(uint8 [N, S, S, C], a description for edit.json)``.
-  """
-  from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-
-  if (image is None) == (dataset is None):
-    raise errors.UserError(
-      'Pass exactly one of --image (a PNG/JPEG file) and --dataset (digits, cifar10, folder, ...).'
-    )
-  if image is not None:
-    if not os.path.isfile(image):
-      raise errors.UserError(f'--image {image!r} is not a file; pass a PNG or JPEG image.')
-    return input_pipeline.load_image_file(image, image_size, channels)[None], image
-  if num_images < 1:
-    raise errors.UserError(f'--num_images must be positive, got {num_images}.')
-  batch = next(
-    input_pipeline.eval_images(
-      dataset,
-      split=split,
-      image_size=image_size,
-      channels=channels,
-      batch_size=num_images,
-      folder=folder,
-      data_dir=data_dir,
-      num_images=num_images,
-    )
-  )
-  return batch, f'{dataset} {split} first {len(batch)}'

@@ -36,13 +36,8 @@ import scipy.linalg
 import scipy.special
 from tqdm.auto import tqdm
 
-from ddpm_jax import batch_sampler
-from ddpm_jax import data_parallel
-from ddpm_jax import errors
-from ddpm_jax import guidance
+from ddpm_jax import data_parallel, diffusion, guidance, input_pipeline
 from ddpm_jax import inception as inception_lib
-from ddpm_jax import input_pipeline
-from ddpm_jax import loading
 
 
 class Features(NamedTuple):
@@ -469,7 +464,7 @@ def bpd_over_dataset(
   The protocol of the paper's NLL: EMA parameters (pass them), no dropout, ``clip_denoised=True``, data
   scaled by u/127.5 − 1 without dequantization. Image i's noise comes from ``fold_in(key(seed), i)``, so
   the result does not depend on the batch size or the number of devices. Batches are split over local
-  devices (`data_parallel.map_over_devices`; padded to a multiple of the device count; padding is not counted).
+  devices (`data_parallel.IndexedMap`: padded to a multiple of the device count; padding is not counted).
 
   Args:
     model: Linen module, called as ``model.apply({'params': p}, x, t, train=False)``.
@@ -485,43 +480,26 @@ def bpd_over_dataset(
   Returns:
     A :class:`BpdSummary`.
   """
-  from ddpm_jax import diffusion  # pylint: disable=g-import-not-at-top
-
-  devices = list(devices or jax.local_devices())
-  n_dev = len(devices)
   root = jax.random.key(seed)
+  num_classes = int(getattr(model, 'num_classes', 0))
 
-  def one(p, x0, index):
+  def one(p, key, x0):
     # A class-conditional model is scored with its null class: the unconditional bound.
-    null = (
-      (lambda x: (jnp.full((x.shape[0],), model.null_label()),)) if getattr(model, 'num_classes', 0) else (lambda x: ())
-    )
-    denoise_fn = lambda x, t: model.apply({'params': p}, x, t, *null(x), train=False)
+    denoise_fn = guidance.denoise_fn(model, p, class_label=num_classes if num_classes else None)
     res = diffusion.calc_bpd_loop(
-      schedule,
-      denoise_fn,
-      x0[None],
-      jax.random.fold_in(root, index),
-      mean_type=mean_type,
-      var_type=var_type,
-      clip_denoised=clip_denoised,
+      schedule, denoise_fn, x0[None], key, mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised
     )
     return jax.tree.map(lambda a: a[0], res)
 
-  run = data_parallel.map_over_devices(jax.vmap(one, in_axes=(None, 0, 0)), devices)
-  rparams = data_parallel.replicate(params, devices)
+  bound = data_parallel.IndexedMap(one, params, key=root, devices=devices)
   count, total, prior = 0, 0.0, 0.0
   terms = mse = None
   bar = tqdm(total=num_images, unit='img', desc='bits/dim', disable=not progress)
   for batch in batches:
     batch = np.asarray(batch)
     n = len(batch)
-    per = -(-n // n_dev)
-    x = input_pipeline.to_model_range(batch)
-    x = np.concatenate([x, np.repeat(x[-1:], per * n_dev - n, axis=0)])
-    idx = np.arange(count, count + per * n_dev, dtype=np.uint32)
-    res = run(rparams, x.reshape((n_dev, per) + x.shape[1:]), idx.reshape(n_dev, per))
-    res = jax.tree.map(lambda a: np.asarray(a, np.float64).reshape((n_dev * per,) + a.shape[2:])[:n], res)
+    res = bound(np.arange(count, count + n), input_pipeline.to_model_range(batch))
+    res = jax.tree.map(lambda a: np.asarray(a, np.float64), res)
     total += res.total_bpd.sum()
     prior += res.prior_bpd.sum()
     terms = res.terms_bpd.sum(0) if terms is None else terms + res.terms_bpd.sum(0)
@@ -534,131 +512,6 @@ def bpd_over_dataset(
     raise ValueError('bpd_over_dataset got no images.')
   return BpdSummary(
     total_bpd=total / count, num_images=count, terms_bpd=terms / count, prior_bpd=prior / count, mse=mse / count
-  )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The evaluate.py command
-
-
-def run_fid(
-  *,
-  samples_dir: str,
-  inception_weights: str | None,
-  ref_stats: str,
-  ref_dataset: str = 'cifar10',
-  ref_split: str = 'train',
-  ref_folder: str = '',
-  data_dir: str = '',
-  batch_size: int = 200,
-  num_splits: int = 10,
-  progress: bool = True,
-) -> dict[str, float]:
-  """FID and IS of a ``sample.py`` folder against cached (or freshly computed) reference statistics.
-
-  The paper's protocol: 50,000 EMA samples against all 50,000 CIFAR-10 training images, IS over 10 splits.
-
-  Args:
-    samples_dir: folder of ``samples_*.npz`` shards.
-    inception_weights: the FID Inception weights (``.npz`` of ours, or pytorch-fid's ``.pth``); None downloads
-      pytorch-fid's file into ``inception.default_weights_dir()`` once (checked by its sha256 prefix).
-    ref_stats: ``.npz`` of reference statistics; computed from ``ref_dataset``/``ref_split`` (or
-      ``ref_folder``) and written there if missing.
-    ref_dataset, ref_split, ref_folder, data_dir: where the reference images come from.
-    batch_size: Inception batch size.
-    num_splits: IS splits.
-    progress: show progress bars.
-
-  Returns:
-    {'fid', 'inception_score', 'inception_score_std', 'num_samples', 'num_reference_images'}.
-  """
-  from ddpm_jax import sample_lib  # pylint: disable=g-import-not-at-top
-
-  if inception_weights is None:  # the standard file, downloaded once into the cache (needs the network)
-    inception_weights = inception_lib.fetch_inception_weights()
-  if not os.path.isfile(inception_weights):
-    raise errors.MissingFileError(
-      f"Inception weights {inception_weights!r} not found. Download pytorch-fid's "
-      f'pt_inception-2015-12-05-6726825d.pth (see ddpm_jax.inception.fetch_inception_weights) and pass its path.'
-    )
-  samples = sample_lib.load_samples(samples_dir)
-  if samples.shape[-1] != 3:
-    raise errors.UserError(f'FID needs RGB samples; {samples_dir!r} holds images of shape {samples.shape[1:]}.')
-  feature_fn = make_feature_fn(inception_lib.load_inception_params(inception_weights), batch_size)
-  if not os.path.exists(ref_stats):
-    dataset = 'folder' if ref_folder else ref_dataset
-    batches = input_pipeline.eval_images(
-      dataset,
-      split=ref_split,
-      image_size=samples.shape[1],
-      channels=3,
-      batch_size=batch_size,
-      folder=ref_folder,
-      data_dir=data_dir,
-    )
-    source = f'folder:{ref_folder}' if ref_folder else f'tfds:{ref_dataset}/{ref_split}'
-    reference = reference_stats_from_images(batches, feature_fn, ref_stats, meta={'source': source}, progress=progress)
-  else:
-    reference = load_reference_stats(ref_stats)
-  result = fid_from_samples(samples, feature_fn, reference, num_splits=num_splits, progress=progress)
-  result['num_reference_images'] = float(reference.num_images)
-  return result
-
-
-def run_bpd(
-  *,
-  workdir: str | None,
-  pretrained: str | None,
-  dataset: str,
-  split: str = 'test',
-  step: int | None = None,
-  folder: str = '',
-  data_dir: str = '',
-  batch_size: int = 200,
-  num_images: int | None = None,
-  seed: int = 0,
-  progress: bool = True,
-) -> dict[str, Any]:
-  """Bits/dim of a data split under a run's EMA weights (or a released model): the paper's NLL.
-
-  Returns:
-    {'bpd', 'num_images', 'prior_bpd', 'decoder_bpd', 'terms_bpd' (list of T), 'mse' (list of T), 'source'}.
-  """
-  if num_images is not None and num_images < 1:
-    raise errors.UserError(f'--num_images={num_images} must be positive (or left out for the whole split).')
-  if batch_size < 1:
-    raise errors.UserError(f'--batch_size={batch_size} must be positive.')
-  loaded = loading.load_model(workdir=workdir, pretrained=pretrained, step=step)
-  batches = input_pipeline.eval_images(
-    dataset,
-    split=split,
-    image_size=loaded.image_size,
-    channels=loaded.in_channels,
-    batch_size=batch_size,
-    folder=folder,
-    data_dir=data_dir,
-    num_images=num_images,
-  )
-  summary = bpd_over_dataset(
-    loaded.model,
-    loaded.params,
-    loaded.schedule,
-    batches,
-    seed=seed,
-    mean_type=loaded.mean_type,
-    var_type=loaded.var_type,
-    clip_denoised=True,
-    num_images=num_images,
-    progress=progress,
-  )
-  return dict(
-    bpd=summary.total_bpd,
-    num_images=summary.num_images,
-    prior_bpd=summary.prior_bpd,
-    decoder_bpd=float(summary.terms_bpd[0]),
-    terms_bpd=summary.terms_bpd.tolist(),
-    mse=summary.mse.tolist(),
-    source=loaded.source,
   )
 
 
@@ -678,7 +531,7 @@ def digits_classifier(seed: int = 0, test_fraction: float = 0.2) -> tuple[Any, f
   Returns:
     ``(classifier, held_out_accuracy)``; ``classifier.predict(x)`` takes images flattened to [N, 64] / 255.
   """
-  from sklearn import svm  # pylint: disable=g-import-not-at-top
+  from sklearn import svm  # pylint: disable=g-import-not-at-top  # heavy (scipy.sparse, joblib): only this judge needs it
 
   images = input_pipeline.load_digits(8).reshape(-1, 64).astype(np.float64) / 255.0
   labels = input_pipeline.load_digits_labels()
@@ -703,76 +556,6 @@ def class_accuracy(images: np.ndarray, labels: np.ndarray, classifier: Any) -> t
     [np.mean(hits[labels == k]) if np.any(labels == k) else np.nan for k in range(int(labels.max()) + 1)]
   )
   return float(np.mean(hits)), per_class
-
-
-def run_class_accuracy(
-  *,
-  workdir: str,
-  guidance_scales: Iterable[float],
-  num_samples: int = 500,
-  batch_size: int = 250,
-  sampler: str = 'ancestral',
-  steps: int | None = None,
-  seed: int = 0,
-  step: int | None = None,
-  progress: bool = True,
-) -> dict[str, Any]:
-  """Samples a class-conditional digits run at several guidance scales and scores the classes with an SVM.
-
-  Image i asks for class i mod 10 (the same images' noise for every scale, so scales are compared on equal
-  footing).
-
-  Returns:
-    ``{'classifier_accuracy_on_real_digits', 'num_samples', 'results': [{'guidance_scale', 'accuracy',
-    'per_class'}...], 'source'}``.
-  """
-  scales = [float(w) for w in guidance_scales]
-  if not scales:
-    raise errors.UserError('--guidance_scales must be a non-empty list of numbers >= 0, got none.')
-  for w in scales:
-    try:
-      guidance.check_guidance_scale(w, name='each of --guidance_scales')
-    except ValueError as e:
-      raise errors.UserError(str(e)) from None
-  if num_samples < 1 or batch_size < 1:
-    raise errors.UserError(f'num_samples and batch_size must be positive, got {num_samples} and {batch_size}.')
-  loaded = loading.load_model(workdir=workdir, step=step)
-  if not getattr(loaded.model, 'num_classes', 0):
-    raise errors.UserError(
-      f'{workdir!r} holds an unconditional model (model.num_classes=0); class accuracy needs a '
-      'class-conditional run such as configs/digits_cond.py.'
-    )
-  if (loaded.image_size, loaded.in_channels) != (8, 1):
-    raise errors.UserError(
-      f'The digits classifier scores 8x8 grey images; {workdir!r} makes '
-      f'{loaded.image_size}x{loaded.image_size}x{loaded.in_channels}.'
-    )
-  clf, real_acc = digits_classifier()
-  results = []
-  for w in scales:
-    spec = batch_sampler.SamplerSpec(
-      name=sampler,
-      steps=steps,
-      var_type=loaded.var_type,
-      mean_type=loaded.mean_type,
-      clip_denoised=loaded.clip_denoised,
-      guidance_scale=w,
-    )
-    images_of = batch_sampler.BatchSampler(loaded.model, loaded.params, loaded.schedule, spec, (8, 8, 1), seed=seed)
-    images, labels = [], []
-    for start in tqdm(range(0, num_samples, batch_size), desc=f'w={w:g}', disable=not progress):
-      idx = np.arange(start, min(start + batch_size, num_samples))
-      images.append(images_of(idx))
-      labels.append(images_of.labels(idx))
-    acc, per_class = class_accuracy(np.concatenate(images), np.concatenate(labels), clf)
-    results.append(dict(guidance_scale=w, accuracy=acc, per_class=per_class.tolist()))
-  return dict(
-    classifier_accuracy_on_real_digits=real_acc,
-    num_samples=num_samples,
-    sampler=sampler,
-    results=results,
-    source=loaded.source,
-  )
 
 
 def digits_feature_fn(

@@ -1,6 +1,7 @@
 """The computations behind the paper's figures, as pure functions over a schedule and a ``denoise_fn``.
 
-Each returns arrays (images in [-1, 1] or curves); the ``figures.py`` command renders them as PNG.
+Each returns arrays (images in [-1, 1] or curves); the ``figures.py`` command (`ddpm_jax.figures_lib`) maps them
+over images on the local devices and renders them as PNG.
 
 * :func:`forward_noising`: x_t of given images at several t (the forward process).
 * :func:`progressive_generation`: x_t and the x_0 estimate along one reverse chain (paper Fig. 6).
@@ -12,9 +13,8 @@ Each returns arrays (images in [-1, 1] or curves); the ``figures.py`` command re
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -197,138 +197,3 @@ def rate_distortion(result: diffusion.BpdResult) -> RateDistortion:
   if not math.isfinite(rate[0]):
     raise ValueError('non-finite bound terms: cannot draw the rate-distortion curve.')
   return RateDistortion(rate_bpd=rate, distortion_rmse=distortion)
-
-
-# ------------------------------------------------------------------------------------------------ rendering
-
-FIGURES = ('forward', 'progressive', 'reconstruct', 'interpolate', 'rate_distortion')
-
-
-def _grid_png(path: str, rows: np.ndarray, *, scale: int) -> str:
-  """Saves [R, C, H, W, ch] images in [-1, 1] as a grid with R rows and C columns."""
-  from ddpm_jax import image_grid, input_pipeline  # pylint: disable=g-import-not-at-top
-
-  r, c = rows.shape[:2]
-  images = input_pipeline.to_uint8(np.asarray(rows).reshape((r * c,) + rows.shape[2:]))
-  return image_grid.save_png(path, images, ncols=c, scale=scale)
-
-
-def make_figure(
-  name: str,
-  *,
-  model: Any,
-  params: Any,
-  schedule: Schedule,
-  images: np.ndarray,
-  out: str,
-  key: jax.Array,
-  sample_kwargs: dict,
-  num_images: int = 8,
-) -> dict:
-  """Computes one of :data:`FIGURES` for a model and writes it as PNG to ``out``.
-
-  Args:
-    name: which figure.
-    model, params: the network (``model.apply({'params': params}, x, t, train=False)``).
-    schedule: its training schedule.
-    images: real images uint8 [N, H, W, C] (used by forward, reconstruct, interpolate, rate_distortion).
-    out: PNG path.
-    key: PRNG key.
-    sample_kwargs: mean_type / var_type / clip_denoised for the sampler.
-    num_images: rows of the figure.
-
-  Returns:
-    A dict of numbers shown in the figure (e.g. the reconstruction distances), plus ``path``.
-  """
-  from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-
-  if name not in FIGURES:
-    raise ValueError(f'Unknown figure {name!r}; choose one of {FIGURES}.')
-  # A class-conditional model draws the figures with its null class (unconditionally).
-  null = (
-    (lambda x: (jnp.full((x.shape[0],), model.null_label()),)) if getattr(model, 'num_classes', 0) else (lambda x: ())
-  )
-  denoise_fn = lambda x, t: model.apply({'params': params}, x, t, *null(x), train=False)
-  x0 = jnp.asarray(input_pipeline.to_model_range(np.asarray(images[:num_images])))
-  size = x0.shape[1]
-  scale = max(1, 64 // size)
-  big_t = schedule.num_timesteps
-  info: dict[str, Any] = {}
-  if name == 'forward':
-    ts = sorted(set(list(range(0, big_t, max(1, big_t // 5))) + [big_t - 1]))
-    rows = jnp.swapaxes(forward_noising(schedule, x0, key, ts), 0, 1)
-    info['timesteps'] = ts
-    path = _grid_png(out, np.asarray(rows), scale=scale)
-  elif name == 'progressive':
-    trace = jax.jit(
-      lambda k: progressive_generation(schedule, denoise_fn, x0.shape, k, num_snapshots=10, **sample_kwargs)
-    )(key)
-    # Top half: x_t along the chain; bottom half: the network's x0 estimate at the same steps (paper Fig. 6).
-    rows = np.concatenate([np.swapaxes(np.asarray(trace.x), 0, 1), np.swapaxes(np.asarray(trace.pred_xstart), 0, 1)])
-    info['timesteps'] = np.asarray(trace.t).tolist()
-    path = _grid_png(out, rows, scale=scale)
-  elif name == 'reconstruct':
-    ts = [t for t in (big_t * 3 // 10 - 1, big_t // 2 - 1, big_t - 1) if t >= 0]
-    columns, distances = [x0], {}
-    for t in ts:
-      rec = jax.jit(lambda x, k, t=t: reconstruct(schedule, denoise_fn, x, t, k, **sample_kwargs))(x0, key)
-      columns += [rec.x_t, rec.x_rec]
-      distances[f't={t + 1}'] = dict(l2_mean=float(jnp.mean(rec.l2)), rmse_255_mean=float(jnp.mean(rec.rmse_255)))
-    info['distances'] = distances
-    path = _grid_png(out, np.stack([np.asarray(c) for c in columns], axis=1), scale=scale)
-  elif name == 'interpolate':
-    half = max(1, x0.shape[0] // 2)
-    a, b = x0[:half], x0[half : 2 * half]
-    if b.shape[0] != a.shape[0]:
-      raise ValueError('interpolate needs at least 2 images.')
-    lambdas = np.linspace(0, 1, 9)
-    t = big_t // 2 - 1
-    mixed = jax.jit(lambda k: interpolate(schedule, denoise_fn, a, b, t, k, lambdas=lambdas, **sample_kwargs))(key)
-    rows = np.concatenate(
-      [np.asarray(a)[:, None], np.swapaxes(np.asarray(mixed), 0, 1), np.asarray(b)[:, None]], axis=1
-    )
-    info.update(t=t + 1, lambdas=lambdas.tolist())
-    path = _grid_png(out, rows, scale=scale)
-  else:  # rate_distortion
-    res = jax.jit(
-      lambda x, k: diffusion.calc_bpd_loop(
-        schedule,
-        denoise_fn,
-        x,
-        k,
-        mean_type=sample_kwargs.get('mean_type', 'eps'),
-        var_type=sample_kwargs.get('var_type', 'fixedlarge'),
-      )
-    )(x0, key)
-    rd = rate_distortion(res)
-    info.update(
-      total_bpd=float(jnp.mean(res.total_bpd)),
-      rate_bpd=float(rd.rate_bpd[0]),
-      distortion_rmse_t0=float(rd.distortion_rmse[0]),
-    )
-    path = _plot_rate_distortion(out, rd, num_images=int(x0.shape[0]))
-  info['path'] = path
-  return info
-
-
-def _plot_rate_distortion(path: str, rd: RateDistortion, *, num_images: int) -> str:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  big_t = len(rd.rate_bpd)
-  steps = big_t - np.arange(big_t)  # reverse-process steps taken to reach t
-  fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-  axes[0].plot(steps, rd.distortion_rmse)
-  axes[0].set(xlabel='reverse process steps (T - t)', ylabel='distortion (RMSE, [0, 255])')
-  axes[1].plot(steps, rd.rate_bpd)
-  axes[1].set(xlabel='reverse process steps (T - t)', ylabel='rate (bits/dim)')
-  axes[2].plot(rd.rate_bpd, rd.distortion_rmse)
-  axes[2].set(xlabel='rate (bits/dim)', ylabel='distortion (RMSE, [0, 255])')
-  fig.suptitle(f'Rate-distortion over {num_images} images (paper Fig. 5)')
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path

@@ -6,6 +6,7 @@ import math
 import os
 
 import numpy as np
+from PIL import Image
 
 
 def make_grid(images: np.ndarray, *, ncols: int | None = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:
@@ -49,8 +50,6 @@ def rows_by_class(images: np.ndarray, labels: np.ndarray, pad_value: int = 255) 
 
 def save_png(path: str, images: np.ndarray, *, ncols: int | None = None, scale: int = 1, padding: int = 2) -> str:
   """Saves uint8 images [N, H, W, C] as a PNG grid (each pixel repeated ``scale`` times); returns the path."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
   grid = make_grid(images, ncols=ncols, padding=padding)
   if scale > 1:
     grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)

@@ -18,10 +18,13 @@ TensorFlow is imported lazily and never sees an accelerator.
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Iterator
 
+import jax
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from ddpm_jax import errors
 
@@ -91,7 +94,7 @@ def to_uint8(x) -> np.ndarray:
 
 def hide_accelerators_from_tf():
   """Imports TensorFlow with no GPU/TPU visible to it (tf.data and summaries only); returns the module."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # heavy: only the tfds paths need it
 
   tf.config.set_visible_devices([], 'GPU')
   try:
@@ -103,8 +106,6 @@ def hide_accelerators_from_tf():
 
 def _resize_uint8(image: np.ndarray, image_size: int, channels: int) -> np.ndarray:
   """Center-crops to a square and resizes with PIL (bicubic; box when shrinking a lot), to [S, S, channels]."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
   if image.ndim == 2:
     image = image[..., None]
   h, w = image.shape[:2]
@@ -141,7 +142,7 @@ def load_digits(image_size: int = 8) -> np.ndarray:
 
   Levels are mapped to 0..255 with round(v * 255 / 16); for image_size > 8 images are upscaled bicubically.
   """
-  from sklearn.datasets import load_digits as _load  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_digits as _load  # pylint: disable=g-import-not-at-top  # heavy: digits only
 
   raw = _load().images  # [1797, 8, 8] float64 in 0..16
   images = np.round(raw * (255.0 / 16.0)).astype(np.uint8)[..., None]
@@ -152,7 +153,7 @@ def load_digits(image_size: int = 8) -> np.ndarray:
 
 def load_digits_labels() -> np.ndarray:
   """The class (0..9) of each of scikit-learn's digits, int32 [1797], in `load_digits` order."""
-  from sklearn.datasets import load_digits as _load  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_digits as _load  # pylint: disable=g-import-not-at-top  # heavy: digits only
 
   return _load().target.astype(np.int32)
 
@@ -211,8 +212,6 @@ def load_image_file(path: str, image_size: int, channels: int = 3) -> np.ndarray
     errors.BadImageFilesError: the file cannot be decoded completely (truncated, not an image) or has a mode
       that cannot be converted; the message starts with the path.
   """
-  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
-
   try:
     with Image.open(path) as im:
       im.load()  # decode everything now: a truncated file fails here, with its name
@@ -287,7 +286,7 @@ def open_tfds_split(name: str, split: str, data_dir: str | None, *, shuffle_file
     errors.UserError: the split does not exist.
   """
   hide_accelerators_from_tf()
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # heavy (TensorFlow)
 
   if name not in TFDS_DATASETS:
     raise errors.UserError(f'Unknown tfds dataset {name!r}; choose one of {tuple(TFDS_DATASETS)}.')
@@ -500,7 +499,7 @@ def tfds_stream_batches(
   Yields:
     float32 [num_local_devices, global_batch / (process_count * num_local_devices), H, W, C] in [-1, 1].
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # heavy (TensorFlow)
 
   local_batch = global_batch // process_count
   host_split = tfds.even_splits(split, n=process_count)[process_index] if process_count > 1 else split
@@ -528,9 +527,6 @@ def prefetch_to_device(iterator: Iterator[np.ndarray], size: int, sharding) -> I
     sharding: a `jax.sharding.Sharding` over the leading axis (data_parallel.device_sharding); with several
       processes the yielded global arrays are [num_devices, b, ...], each process holding its own rows.
   """
-  import collections  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-
   queue = collections.deque()
   for batch in iterator:
     queue.append(jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), batch))

@@ -36,7 +36,7 @@ from typing import Any
 import ml_collections
 
 from ddpm_jax import checkpoint as checkpoint_lib
-from ddpm_jax import errors, guidance, releases, train_lib
+from ddpm_jax import cpu_tuning, errors, guidance, releases, train_lib
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax import schedule as sched_lib
 from ddpm_jax.formats import diffusers as diffusers_format
@@ -76,11 +76,13 @@ class LoadedModel:
   config: ml_collections.ConfigDict | None = None
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, params: Any, *, source: str) -> LoadedModel:
-    """The model of a training config (``train_lib.build_model``) with ``params`` and the config's settings."""
+  def from_config(
+    cls, config: ml_collections.ConfigDict, params: Any, *, source: str, layers: str | None = None
+  ) -> LoadedModel:
+    """The model of a training config (``train_lib.build_model`` with ``layers``), ``params`` and its settings."""
     d, df = config.data, config.diffusion
     return cls(
-      model=train_lib.build_model(config),
+      model=train_lib.build_model(config, layers=layers),
       params=params,
       schedule=train_lib.build_schedule(config),
       # A learned variance is part of the network; otherwise sampling uses the config's sample.var_type.
@@ -134,7 +136,7 @@ def restore_workdir(workdir: str, step: int | None = None) -> tuple[ml_collectio
     raise errors.MissingFileError(f'{config_path!r} not found: --workdir must be a train.py workdir.')
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  target = train_lib.abstract_state(config, train_lib.build_model(config))
+  target = train_lib.abstract_state(config)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=None)
   try:
     if step is not None and step not in ckpt.all_steps():
@@ -154,13 +156,15 @@ def restore_workdir(workdir: str, step: int | None = None) -> tuple[ml_collectio
   return config, state, step
 
 
-def load_workdir(workdir: str, step: int | None = None, *, ema: bool = True) -> LoadedModel:
+def load_workdir(workdir: str, step: int | None = None, *, ema: bool = True, layers: str | None = None) -> LoadedModel:
   """The EMA (or raw) parameters and settings of a training run.
 
   Args:
     workdir: a ``train.py`` workdir (holds ``config.json`` and ``checkpoints/``).
     step: checkpoint step (default: the newest readable one).
     ema: the EMA parameters (what the paper samples with) or, with False, the raw training weights.
+    layers: the U-Net's implementation, 'auto', 'reference' or 'cpu' (`ddpm_jax.cpu_tuning.model_layers`); None:
+      the run's ``config.model.layers`` ('auto' where its config has none).
 
   Returns:
     A :class:`LoadedModel` whose ``config`` is the run's.
@@ -168,25 +172,45 @@ def load_workdir(workdir: str, step: int | None = None, *, ema: bool = True) -> 
   config, state, step = restore_workdir(workdir, step)
   which = 'EMA' if ema else 'raw'
   return LoadedModel.from_config(
-    config, state.ema_params if ema else state.params, source=f'{workdir} step {step} ({which} parameters)'
+    config,
+    state.ema_params if ema else state.params,
+    source=f'{workdir} step {step} ({which} parameters)',
+    layers=layers,
   )
 
 
-def load_model(*, workdir: str | None = None, pretrained: str | None = None, step: int | None = None) -> LoadedModel:
+def load_model(
+  *, workdir: str | None = None, pretrained: str | None = None, step: int | None = None, layers: str | None = None
+) -> LoadedModel:
   """A model to sample from or evaluate: a training run's EMA weights or a released model.
 
   Args:
     workdir: a ``train.py`` workdir (exclusive with ``pretrained``).
     pretrained: a diffusers folder or hub id, or a TF checkpoint prefix (see :func:`load_pretrained`).
     step: checkpoint step of ``workdir`` (default: the newest readable one).
+    layers: the U-Net's implementation (a command's ``--layers``): 'auto' (the CPU layers on XLA:CPU, the
+      reference layers elsewhere), 'reference' or 'cpu', resolved by `ddpm_jax.cpu_tuning.model_layers` (which logs
+      the choice). None: the run's ``config.model.layers`` for a workdir, 'auto' for a released model.
+
+  Raises:
+    errors.UserError: not exactly one of ``workdir`` and ``pretrained``, ``step`` without a workdir, or layers this
+      backend cannot run (e.g. 'cpu' on a GPU).
   """
   if (workdir is None) == (pretrained is None):
     raise errors.UserError('Pass exactly one of --workdir (a training run) and --pretrained (a released model).')
   if workdir is not None:
-    return load_workdir(workdir, step)
+    return load_workdir(workdir, step, layers=layers)
   if step is not None:
     raise errors.UserError('--step applies to --workdir checkpoints only.')
-  return load_pretrained(pretrained)
+  return load_pretrained(pretrained, layers='auto' if layers is None else layers)
+
+
+def _with_layers(model: UNet, layers: str) -> UNet:
+  """``model`` with the implementation ``layers`` resolves to on this backend (the same parameters)."""
+  try:
+    return model.clone(**cpu_tuning.model_layers(layers))
+  except ValueError as e:
+    raise errors.UserError(f'--layers: {e}') from None
 
 
 # ------------------------------------------------------------------------------------------ released models
@@ -211,6 +235,7 @@ def load_diffusers(
   clip_denoised: bool | None = None,
   cache_dir: str | None = None,
   allow_download: bool = True,
+  layers: str = 'auto',
 ) -> LoadedModel:
   """Loads a diffusers-format DDPM (``UNet2DModel`` + ``DDPMScheduler``) into our U-Net and samplers.
 
@@ -226,6 +251,7 @@ def load_diffusers(
     clip_denoised: override x_0 clipping likewise.
     cache_dir: where downloads go (default: huggingface_hub's cache).
     allow_download: if False, a repo id that is not a local folder is an error.
+    layers: the U-Net's implementation ('auto', 'reference' or 'cpu'; see :func:`load_model`).
 
   Raises:
     ValueError: unsupported folder/config, or weights that do not match (names file and tensors).
@@ -276,7 +302,7 @@ def load_diffusers(
     clip_denoised,
   )
   return LoadedModel(
-    model=model,
+    model=_with_layers(model, layers),
     params=params,
     schedule=schedule,
     var_type=var_type,
@@ -288,7 +314,9 @@ def load_diffusers(
   )
 
 
-def load_tf_pretrained(ckpt_prefix: str, release: str | None = None, *, ema: bool = True) -> LoadedModel:
+def load_tf_pretrained(
+  ckpt_prefix: str, release: str | None = None, *, ema: bool = True, layers: str = 'auto'
+) -> LoadedModel:
   """A TF checkpoint (the original code's, or one ``export.py --format tf`` wrote) as a :class:`LoadedModel`.
 
   The architecture is read off the checkpoint (``tf_format.infer_model``). The sampling settings are, in
@@ -303,6 +331,7 @@ def load_tf_pretrained(ckpt_prefix: str, release: str | None = None, *, ema: boo
     ckpt_prefix: checkpoint prefix (``<prefix>.index`` exists).
     release: a repo id of ``releases.RELEASES`` whose settings to use.
     ema: load the EMA shadows (default, what the paper sampled with) or the raw weights.
+    layers: the U-Net's implementation ('auto', 'reference' or 'cpu'; see :func:`load_model`).
   """
   if release is not None and release not in releases.RELEASES:
     raise ValueError(f'Unknown release {release!r}; choose one of {sorted(releases.RELEASES)}.')
@@ -330,7 +359,7 @@ def load_tf_pretrained(ckpt_prefix: str, release: str | None = None, *, ema: boo
       )
   params = tf_format.read_params(reader, var_shapes, ckpt_prefix, model, ema=ema, image_size=image_size)
   return LoadedModel(
-    model=model,
+    model=_with_layers(model, layers),
     params=params,
     schedule=schedule,
     var_type=var_type,

@@ -199,13 +199,14 @@ def run(
   grid_size: int = 64,
   class_label: int | None = None,
   guidance_scale: float = 0.0,
+  layers: str | None = None,
   progress: bool = True,
 ) -> dict:
   """What ``sample.py`` does: load a model, validate the request, then :func:`sample_to_dir`.
 
   Every argument is checked before anything compiles. See ``sample.py`` for their meaning; ``clip_denoised`` None
   is the model's setting for the paper's samplers (ancestral, respaced, ddim) and the solver's default (off) for
-  the others.
+  the others; ``layers`` chooses the U-Net's implementation (`ddpm_jax.loading.load_model`).
   """
   if (workdir is None) == (pretrained is None):
     raise errors.UserError('Pass exactly one of --workdir (a training run) and --pretrained (a released model).')
@@ -214,21 +215,19 @@ def run(
     raise errors.UserError(f'--num_samples and --batch_size must be positive, got {num_samples} and {batch_size}.')
   if sampler not in solvers.SAMPLERS:
     raise errors.UserError(f'Unknown sampler {sampler!r}; choose one of {tuple(solvers.SAMPLERS)}.')
-  loaded = loading.load_model(workdir=workdir, pretrained=pretrained, step=step)
-  if clip_denoised is None and solvers.SAMPLERS[sampler].default_clip:
-    clip_denoised = loaded.clip_denoised  # the paper's samplers clip as the model was meant to be sampled
+  loaded = loading.load_model(workdir=workdir, pretrained=pretrained, step=step, layers=layers)
   # The model's own settings unless overridden; validated before anything compiles.
-  spec = batch_sampler.SamplerSpec(
-    name=sampler,
+  spec = batch_sampler.spec_for_model(
+    loaded,
+    sampler,
+    var_type=var_type,
+    clip_denoised=clip_denoised,
     steps=steps,
     spacing=spacing,
     order=order,
     variant=variant,
     eta=eta,
     steps_offset=steps_offset,
-    var_type=var_type or loaded.var_type,
-    mean_type=loaded.mean_type,
-    clip_denoised=clip_denoised,
     class_label=class_label,
     guidance_scale=guidance_scale,
   )

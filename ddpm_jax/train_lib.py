@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tqdm
 from absl import logging
 from jax import lax
 
@@ -283,20 +284,29 @@ def build_schedule(config: ml_collections.ConfigDict) -> schedule_lib.Schedule:
   )
 
 
-def build_model(config: ml_collections.ConfigDict, *, backend: str | None = None) -> unet_lib.UNet:
+def build_model(
+  config: ml_collections.ConfigDict, *, backend: str | None = None, layers: str | None = None
+) -> unet_lib.UNet:
   """The U-Net of a training config (``config.model`` with the data's channels and the variance type).
 
-  Its layers are ``config.model.layers`` ('auto' where the config has no such key, as older workdirs' configs),
-  resolved for ``backend`` (default ``jax.default_backend()``) by `cpu_tuning.model_layers`, which logs the choice.
+  Its layers are ``layers`` if given (a command's ``--layers``), else ``config.model.layers`` ('auto' where the
+  config has no such key, as older workdirs' configs), resolved for ``backend`` (default
+  ``jax.default_backend()``) by `cpu_tuning.model_layers`, which logs the choice.
 
   Raises:
-    ConfigError: for an unknown ``model.layers``, or 'cpu' on a backend other than the CPU.
+    ConfigError: for an unknown choice of layers, or 'cpu' on a backend other than the CPU.
   """
-  m, d = config.model, config.data
+  requested, name = (config.model.get('layers', 'auto'), 'model.layers') if layers is None else (layers, '--layers')
   try:
-    layer_fields = cpu_tuning.model_layers(m.get('layers', 'auto'), backend)
+    layer_fields = cpu_tuning.model_layers(requested, backend)
   except ValueError as e:
-    raise ConfigError(f'model.layers: {e}') from e
+    raise ConfigError(f'{name}: {e}') from e
+  return _unet(config, **layer_fields)
+
+
+def _unet(config: ml_collections.ConfigDict, **layer_fields: Any) -> unet_lib.UNet:
+  """The U-Net of ``config`` with the given implementation fields (the reference layers without any)."""
+  m, d = config.model, config.data
   return unet_lib.UNet(
     ch=m.ch,
     out_ch=_out_channels(d.channels, config.diffusion.var_type),
@@ -330,9 +340,10 @@ def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfor
 def abstract_state(config: ml_collections.ConfigDict, model: Any | None = None) -> TrainState:
   """Shapes and dtypes of a run's `TrainState` (``jax.ShapeDtypeStruct`` leaves), computed without any FLOPs.
 
-  What a checkpoint of ``config``'s run is restored into (e.g. by ``sample.py``).
+  What a checkpoint of ``config``'s run is restored into (e.g. by ``sample.py``). ``model`` defaults to the
+  config's U-Net with the reference layers: the parameters' shapes do not depend on the implementation.
   """
-  model = build_model(config) if model is None else model
+  model = _unet(config) if model is None else model
   tx = build_optimizer(config)
   d = config.data
   image_shape = (d.image_size, d.image_size, d.channels)
@@ -709,7 +720,7 @@ def _train(config, workdir, devices, images, labels, *, allow_config_change, is_
     return summary
 
   input_pipeline.hide_accelerators_from_tf()  # clu's TensorBoard writer imports TensorFlow.
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top  # imports TF: after hiding the devices
 
   # TensorBoard only (the progress line is our log); other hosts write nothing.
   writer = (
@@ -797,8 +808,6 @@ def _train(config, workdir, devices, images, labels, *, allow_config_change, is_
   train_t0, train_steps = None, 0
   bar = None
   if t.progress_bar and is_chief:
-    import tqdm  # pylint: disable=g-import-not-at-top
-
     bar = tqdm.tqdm(total=t.num_steps, initial=start_step, unit='step', dynamic_ncols=True)
 
   def flush():

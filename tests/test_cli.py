@@ -226,6 +226,7 @@ def test_sample_bad_inputs(world, tmp_path):
     (wd + out + ['--sampler', 'unipc', '--variant', 'bh3'], ["variant='bh3'", "('bh1', 'bh2')"]),
     (wd + out + ['--sampler', 'pndm', '--steps', '3'], ['steps must be in [4, 20]']),
     (wd + out + ['--guidance_scale', '2'], ['--guidance_scale=2.0', 'class-conditional']),
+    (wd + out + ['--layers', 'gpu'], ['--layers=gpu', '<auto|reference|cpu>']),
     (wd + ['--out', world['samples']], [world['samples'], 'other settings']),
   ]
   if world['ro_ok']:

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -19,10 +18,11 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from configs import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax import batch_sampler  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax import evaluate_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddpm_jax import batch_sampler  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import sample_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import train_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -113,7 +113,7 @@ def test_workdir_of_an_older_version_without_the_new_config_keys_samples_identic
 
 def test_bpd_from_workdir_matches_bpd_over_dataset(run):
   workdir, config = run
-  result = evaluation.run_bpd(
+  result = evaluate_lib.run_bpd(
     workdir=workdir,
     pretrained=None,
     dataset='digits',
@@ -164,7 +164,7 @@ def test_fid_command_plumbing(tmp_path, monkeypatch):
   monkeypatch.setattr(evaluation.inception_lib, 'load_inception_params', lambda path: {'path': path})
   monkeypatch.setattr(evaluation, 'make_feature_fn', lambda variables, batch_size: feature_fn)
   stats = str(tmp_path / 'stats.npz')
-  result = evaluation.run_fid(
+  result = evaluate_lib.run_fid(
     samples_dir=samples,
     inception_weights=str(weights),
     ref_stats=stats,
@@ -176,7 +176,7 @@ def test_fid_command_plumbing(tmp_path, monkeypatch):
   assert abs(result['fid']) < 1e-6 and result['num_samples'] == 12 and result['num_reference_images'] == 12
   assert os.path.exists(stats) and 'inception_score' in result
   seen.clear()
-  again = evaluation.run_fid(
+  again = evaluate_lib.run_fid(
     samples_dir=samples,
     inception_weights=str(weights),
     ref_stats=stats,
@@ -188,7 +188,7 @@ def test_fid_command_plumbing(tmp_path, monkeypatch):
   assert again['fid'] == pytest.approx(result['fid'], abs=1e-9)
   assert sum(seen) == 12  # the cached reference statistics were not recomputed
   with pytest.raises(FileNotFoundError, match='Inception weights'):
-    evaluation.run_fid(samples_dir=samples, inception_weights=str(tmp_path / 'missing.pth'), ref_stats=stats)
+    evaluate_lib.run_fid(samples_dir=samples, inception_weights=str(tmp_path / 'missing.pth'), ref_stats=stats)
 
 
 def _cli(script, *args, timeout=300):
@@ -294,7 +294,7 @@ def test_class_conditional_run_end_to_end(tmp_path):
   )
   _, labels = sample_lib.load_samples(out, with_labels=True)
   assert list(labels) == [3, 3, 3, 3]
-  result = evaluation.run_class_accuracy(
+  result = evaluate_lib.run_class_accuracy(
     workdir=workdir, guidance_scales=[0, 2], num_samples=20, batch_size=10, progress=False
   )
   assert result['classifier_accuracy_on_real_digits'] > 0.95

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import editing, figures, loading, sampling
+from ddpm_jax import edit_lib, editing, figures, loading, sampling
 from ddpm_jax import schedule as sched_lib
 from ddpm_jax.models import UNet
 
@@ -195,9 +195,9 @@ def test_preset_and_png_masks(tmp_path):
   png = np.zeros((16, 16), np.uint8)
   png[:, :8] = 255  # white = regenerate, at twice the model's size
   Image.fromarray(png).save(tmp_path / 'm.png')
-  np.testing.assert_array_equal(editing.load_mask(str(tmp_path / 'm.png'), 8), editing.preset_mask('left', 8))
+  np.testing.assert_array_equal(edit_lib.load_mask(str(tmp_path / 'm.png'), 8), editing.preset_mask('left', 8))
   with pytest.raises(ValueError, match='neither a preset'):
-    editing.load_mask(str(tmp_path / 'missing.png'), 8)
+    edit_lib.load_mask(str(tmp_path / 'missing.png'), 8)
 
 
 @pytest.fixture(scope='module')
@@ -221,7 +221,7 @@ def tiny_model():
 def test_run_inpaint_writes_results_and_keeps_known_pixels(tiny_model, tmp_path):
   images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1)).astype(np.uint8)
   out = str(tmp_path / 'inpaint')
-  summary = editing.run(
+  summary = edit_lib.run(
     mode='inpaint',
     out_dir=out,
     images=images,
@@ -248,7 +248,7 @@ def test_run_inpaint_writes_results_and_keeps_known_pixels(tiny_model, tmp_path)
   with open(os.path.join(out, 'edit.json')) as f:
     assert json.load(f)['spec']['mask'] == 'right'
   # Deterministic: the same command again gives the same files; result (i, j) does not depend on the others.
-  again = editing.run(
+  again = edit_lib.run(
     mode='inpaint',
     out_dir=out,
     images=images,
@@ -262,7 +262,7 @@ def test_run_inpaint_writes_results_and_keeps_known_pixels(tiny_model, tmp_path)
   assert again['known_pixels_max_abs_error'] == 0
   with np.load(os.path.join(out, 'results.npz')) as f:
     np.testing.assert_array_equal(f['results'], results)
-  one = editing.run(
+  one = edit_lib.run(
     mode='inpaint',
     out_dir=str(tmp_path / 'one'),
     images=images[:1],
@@ -280,11 +280,11 @@ def test_run_inpaint_writes_results_and_keeps_known_pixels(tiny_model, tmp_path)
 def test_run_refuses_a_folder_of_other_results_and_bad_arguments(tiny_model, tmp_path):
   images = np.zeros((1, 8, 8, 1), np.uint8)
   out = str(tmp_path / 'sd')
-  summary = editing.run(mode='sdedit', out_dir=out, images=images, loaded=tiny_model, t_start=10, num_samples=2)
+  summary = edit_lib.run(mode='sdedit', out_dir=out, images=images, loaded=tiny_model, t_start=10, num_samples=2)
   assert summary['network_calls_per_result'] == 11
   before = {p: os.path.getmtime(os.path.join(out, p)) for p in os.listdir(out)}
   with pytest.raises(ValueError, match='other settings'):
-    editing.run(mode='sdedit', out_dir=out, images=images, loaded=tiny_model, t_start=12, num_samples=2)
+    edit_lib.run(mode='sdedit', out_dir=out, images=images, loaded=tiny_model, t_start=12, num_samples=2)
   assert {p: os.path.getmtime(os.path.join(out, p)) for p in os.listdir(out)} == before  # nothing overwritten
   bad = [
     (dict(mode='inpaint'), '--mask'),
@@ -300,9 +300,9 @@ def test_run_refuses_a_folder_of_other_results_and_bad_arguments(tiny_model, tmp
   ]
   for kwargs, match in bad:
     with pytest.raises(ValueError, match=match):
-      editing.run(out_dir=str(tmp_path / 'bad'), images=images, loaded=tiny_model, **kwargs)
+      edit_lib.run(out_dir=str(tmp_path / 'bad'), images=images, loaded=tiny_model, **kwargs)
   with pytest.raises(ValueError, match=r'the model takes \(8, 8, 1\)'):
-    editing.run(
+    edit_lib.run(
       mode='sdedit',
       t_start=5,
       out_dir=str(tmp_path / 'bad'),
@@ -314,13 +314,13 @@ def test_run_refuses_a_folder_of_other_results_and_bad_arguments(tiny_model, tmp
 
 def test_load_images_from_a_file_or_a_dataset(tmp_path):
   Image.fromarray(np.full((16, 12, 3), 200, np.uint8)).save(tmp_path / 'a.png')
-  images, source = editing.load_images(
+  images, source = edit_lib.load_images(
     image=str(tmp_path / 'a.png'), dataset=None, image_size=8, channels=1, num_images=1
   )
   assert images.shape == (1, 8, 8, 1) and images.dtype == np.uint8 and source.endswith('a.png')
-  digits, source = editing.load_images(image=None, dataset='digits', image_size=8, channels=1, num_images=3)
+  digits, source = edit_lib.load_images(image=None, dataset='digits', image_size=8, channels=1, num_images=3)
   assert digits.shape == (3, 8, 8, 1) and 'digits' in source
   with pytest.raises(ValueError, match='exactly one'):
-    editing.load_images(image=None, dataset=None, image_size=8, channels=1, num_images=1)
+    edit_lib.load_images(image=None, dataset=None, image_size=8, channels=1, num_images=1)
   with pytest.raises(ValueError, match='not a file'):
-    editing.load_images(image=str(tmp_path / 'no.png'), dataset=None, image_size=8, channels=1, num_images=1)
+    edit_lib.load_images(image=str(tmp_path / 'no.png'), dataset=None, image_size=8, channels=1, num_images=1)

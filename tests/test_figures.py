@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import diffusion, figures
+from ddpm_jax import diffusion, figures, figures_lib
 from ddpm_jax import schedule as sched_lib
 
 SCHED = sched_lib.get_schedule('linear', beta_end=0.2, num_timesteps=20)
@@ -60,7 +60,7 @@ def test_rate_distortion_curves():
   np.testing.assert_allclose(rd.distortion_rmse, np.sqrt([0.0, 0.01, 0.04, 0.09]) * 127.5)
 
 
-@pytest.mark.parametrize('name', figures.FIGURES)
+@pytest.mark.parametrize('name', figures_lib.FIGURES)
 def test_each_figure_command_writes_its_png(tmp_path, name):
   from PIL import Image
 
@@ -70,7 +70,7 @@ def test_each_figure_command_writes_its_png(tmp_path, name):
   params = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), jnp.zeros((1,), jnp.int32), train=False)['params']
   images = np.random.default_rng(0).integers(0, 256, (4, 4, 4, 1)).astype(np.uint8)
   out = str(tmp_path / f'{name}.png')
-  info = figures.make_figure(
+  info = figures_lib.make_figure(
     name,
     model=model,
     params=params,

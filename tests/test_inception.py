@@ -3,7 +3,6 @@ weight (de)serialisation and the pytorch-fid converter. Random weights only: no 
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -145,3 +145,31 @@ def test_workdir_errors(workdir, tmp_path):
     loading.load_model()
   with pytest.raises(ValueError, match='--step applies'):
     loading.load_model(pretrained=str(tmp_path), step=3)
+
+
+def test_layers_are_chosen_for_this_machine_and_forced_by_the_flag(workdir, tmp_path, tiny_params, tf, caplog):
+  """Released models and workdirs get the U-Net layers of `cpu_tuning.model_layers`: 'cpu' on this XLA:CPU
+  machine unless --layers (or a run's model.layers) says otherwise; the parameters and outputs are the same."""
+  assert jax.default_backend() == 'cpu'
+  folder = write_diffusers_folder(tmp_path / 'release', tiny_params)
+  with caplog.at_level('INFO', logger='ddpm_jax.cpu_tuning'):
+    auto = loading.load_model(pretrained=folder)
+  assert auto.model.layers == 'cpu'
+  assert [r.getMessage() for r in caplog.records].count("U-Net layers: 'cpu' (chosen on the 'cpu' backend).") == 1
+  forced = loading.load_model(pretrained=folder, layers='reference')
+  assert forced.model.layers == 'reference' and forced.model.config_fields() == auto.model.config_fields()
+  assert_trees_equal(forced.params, auto.params)
+  x = np.random.default_rng(0).normal(size=(2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+  t = np.array([1, 7], np.int32)
+  np.testing.assert_allclose(auto.denoise_fn()(x, t), forced.denoise_fn()(x, t), atol=1e-4)
+  # A TF checkpoint prefix, the other kind of release.
+  prefix = write_tf_checkpoint(tf, tmp_path / 'model.ckpt-1', tf_variables(tiny_params))
+  release = 'google/ddpm-cifar10-32'  # the tiny checkpoint needs a release's settings (image size)
+  assert loading.load_pretrained(prefix, release=release).model.layers == 'cpu'
+  assert loading.load_pretrained(prefix, release=release, layers='reference').model.layers == 'reference'
+  # A workdir: its config's model.layers ('auto' in configs/tiny.py), unless forced.
+  path, _ = workdir
+  assert loading.load_model(workdir=path).model.layers == 'cpu'
+  assert loading.load_model(workdir=path, layers='reference').model.layers == 'reference'
+  with pytest.raises(ValueError, match="--layers: Unknown U-Net layers 'fast'"):
+    loading.load_model(pretrained=folder, layers='fast')

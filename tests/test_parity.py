@@ -11,8 +11,9 @@ or dropped GroupNorm or bias mapping changes the output, and we check that the o
 Tolerances (float32, max abs difference; measured values on a 2-core Xeon in brackets): network outputs
 1e-4 [CIFAR-10 model 3.0e-6 .. 3.4e-6 at t = 0, 10, 500, 999 with the reference layers, 3.1e-6 .. 3.6e-6 with
 the CPU layers; 256 layout 3.7e-6]; one reverse step 1e-4 [2.4e-7 at t = 999, 5.5e-5 at t = 1]; a full 1000-step
-sampling run 5e-4 on the final image [3.9e-5]. The models here have the reference layers (what the importer
-builds) unless a test says otherwise.
+sampling run 5e-4 on the final image [3.9e-5]. The importer builds the layers `cpu_tuning.model_layers` chooses
+(the CPU layers on this XLA:CPU machine); the CIFAR-10 fixture asks for the reference layers, and
+test_cifar10_outputs_match checks both.
 The step difference at small t is diffusers' error, not ours: it computes beta_t as
 1 - abar_t / abar_{t-1} in float32, which is off by ~1.5e-4 relative at t <= 10 (our tables are float64).
 """
@@ -132,7 +133,7 @@ def cifar(tmp_path_factory):
   folder = tmp_path_factory.mktemp('ddpm-cifar10-32')
   torch_model.save_pretrained(folder)
   _scheduler('fixed_large').save_pretrained(folder)  # scheduler_config.json beside config.json
-  pre = loading.load_diffusers(str(folder))
+  pre = loading.load_diffusers(str(folder), layers='reference')
   return torch_model, pre, _jax_apply(pre)
 
 
@@ -167,7 +168,7 @@ def test_cifar10_import_settings(cifar):
 @pytest.mark.parametrize('layers', ['reference', 'cpu'])
 def test_cifar10_outputs_match(cifar, layers):
   torch_model, pre, apply = cifar
-  assert pre.model.layers == 'reference'  # what load_diffusers builds
+  assert pre.model.layers == 'reference'  # what load_diffusers builds when told (auto: 'cpu' on this machine)
   if layers == 'cpu':
     apply = _jax_apply(pre, layers='cpu', cpu_tree_reductions=True)
   x = np.random.RandomState(0).randn(4, 32, 32, 3).astype(np.float32)
