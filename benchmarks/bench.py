@@ -189,7 +189,7 @@ def make_multi_step(step_fn: Callable, k: int, devices: Sequence[Any] | None = N
 
   Args:
     step_fn: an unmapped step ``(state, batch, key) -> (state, metrics)``, e.g.
-      ``functools.partial(train_lib.train_step, model=..., schedule=..., ...)``.
+      ``functools.partial(train_lib.train_step, settings=train_lib.StepSettings(...))``.
     k: steps per call.
     devices: devices (default all).
 
@@ -230,7 +230,7 @@ def bench_jax_train(model, *, batch: int, steps: int, k: int = 1) -> dict:
   devices = jax.local_devices()[:1]
   schedule = schedule_lib.get_schedule('linear')
   tx = train_lib.make_optimizer(lr=LR, warmup_steps=5000, grad_clip=GRAD_CLIP)
-  kwargs = dict(
+  settings = train_lib.StepSettings(
     model=model, schedule=schedule, tx=tx, lr_fn=train_lib.warmup_lr(LR, 5000), ema_decay=EMA_DECAY, grad_clip=GRAD_CLIP
   )
   state = train_lib.init_state(model, tx, image_shape=IMAGE_SHAPE, key=jax.random.key(0))
@@ -239,10 +239,10 @@ def bench_jax_train(model, *, batch: int, steps: int, k: int = 1) -> dict:
   rng = np.random.default_rng(0)
   sharding = data_parallel.device_sharding(devices)
   if k == 1:
-    step = train_lib.make_p_train_step(devices=devices, **kwargs)
+    step = train_lib.make_p_train_step(settings, devices=devices)
     shape = (1, batch) + IMAGE_SHAPE
   else:
-    step = make_multi_step(functools.partial(train_lib.train_step, **kwargs), k, devices)
+    step = make_multi_step(functools.partial(train_lib.train_step, settings=settings), k, devices)
     shape = (1, k, batch) + IMAGE_SHAPE
   data = jax.device_put(rng.uniform(-1, 1, shape).astype(np.float32), sharding)
   key = jax.random.key(1)
@@ -262,7 +262,7 @@ def bench_jax_train(model, *, batch: int, steps: int, k: int = 1) -> dict:
     raise FloatingPointError(f'non-finite loss {loss} in the JAX train step')
   # One step's operations (forward, backward, clipping, Adam, EMA), counted on the single-step program.
   one_batch = jax.ShapeDtypeStruct((1, batch) + IMAGE_SHAPE, jnp.float32, sharding=sharding)
-  gflop = xla_gflop(train_lib.make_p_train_step(devices=devices, **kwargs).lower(holder['state'], one_batch, key))
+  gflop = xla_gflop(train_lib.make_p_train_step(settings, devices=devices).lower(holder['state'], one_batch, key))
   img_s = batch * k / med
   return dict(
     img_s=img_s,

@@ -1,11 +1,17 @@
 """Training: config validation, train state, optimizer, the pure step, its data-parallel form, and the loop.
 
-`train_and_evaluate(config, workdir)` is the only function here that reads a config; everything it calls takes
-explicit arguments. The step is pure: `train_step(state, batch, key) -> (state, metrics)`, with all randomness
-derived from `fold_in(key, state.step)` and each example's global index, so that
+Which functions read a config (a configs/default.py tree): `validate_config`, the builders `build_schedule`,
+`build_model`, `build_optimizer`, `abstract_state` and `step_settings`, and `train_and_evaluate` with its
+private steps. Everything else takes explicit arguments: `train_step(state, batch, key, settings)` is pure, its
+static settings one frozen `StepSettings`, with all randomness derived from ``fold_in(key, state.step)`` and each
+example's global index, so that
 
   * a resumed run draws exactly the numbers an uninterrupted run draws, and
   * the same global batch gives the same loss and update on 1 device or on 8 (up to float summation order).
+
+`train_and_evaluate` reads as its steps: check everything (config, hosts, workdir), open the data, lock the
+workdir, restore or initialize, make the batches, loop (metrics, progress and ETA from clu's ``ReportProgress``,
+checkpoints, sample grids from `ddpm_jax.batch_sampler`), log a summary.
 
 Gradient clipping (REFERENCE §6): the original TF code clipped each TPU replica's 16-example gradient and then
 averaged the 8 clipped gradients, which ties the result to the number of replicas. Here the default
@@ -18,12 +24,13 @@ clipped, and the clipped gradients are averaged. See docs/training.md.
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax
 import jax
@@ -78,7 +85,7 @@ def validate_config(
   def fail(msg):
     raise ConfigError(msg)
 
-  d, m, o, t, s = config.data, config.model, config.optim, config.train, config.sample
+  d, m, o, tr, s = config.data, config.model, config.optim, config.train, config.sample
   if d.dataset not in input_pipeline.DATASETS:
     fail(
       f'Unknown data.dataset={d.dataset!r}; choose one of {input_pipeline.DATASETS} '
@@ -203,10 +210,10 @@ def validate_config(
     )
 
   for name in ('num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
-    if t[name] < 1:
-      fail(f'train.{name}={t[name]!r} must be a positive int.')
-  if t.sample_every < 0 or t.num_samples < 0:
-    fail(f'train.sample_every={t.sample_every!r} and train.num_samples={t.num_samples!r} must be >= 0.')
+    if tr[name] < 1:
+      fail(f'train.{name}={tr[name]!r} must be a positive int.')
+  if tr.sample_every < 0 or tr.num_samples < 0:
+    fail(f'train.sample_every={tr.sample_every!r} and train.num_samples={tr.num_samples!r} must be >= 0.')
 
   if device_count is not None:
     if o.batch_size % device_count:
@@ -221,8 +228,8 @@ def validate_config(
         f'optim.clip_groups={o.clip_groups} must be a multiple of the {device_count} devices so that groups do '
         f'not straddle devices; use {device_count * max(1, -(-o.clip_groups // device_count))} or 0.'
       )
-    if t.num_samples % device_count:
-      fail(f'train.num_samples={t.num_samples} must be divisible by the {device_count} devices.')
+    if tr.num_samples % device_count:
+      fail(f'train.num_samples={tr.num_samples} must be divisible by the {device_count} devices.')
 
 
 def _out_channels(channels: int, var_type: str) -> int:
@@ -380,23 +387,65 @@ def init_state(
   return create_state(init_params(model, image_shape=image_shape, key=key), tx)
 
 
-def train_step(
-  state: TrainState,
-  batch: jax.Array,
-  key: jax.Array,
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepSettings:
+  """What the train step does besides its inputs: the step's static settings, one frozen value.
+
+  Attributes:
+    model: a Linen module called as ``model.apply({'params': p}, x, t[, y], train=True, rngs={'dropout': k})``.
+    schedule: the forward process.
+    tx: the optimizer (includes global-norm clipping unless ``groups_per_device > 0``).
+    lr_fn: the learning-rate schedule, for the metrics.
+    ema_decay: EMA decay; the first update copies the params (TF: decay 1e-10 at step 0).
+    mean_type, var_type, loss_type: passed to `diffusion.training_losses`.
+    grad_clip: clip norm for per-group clipping (only used when ``groups_per_device > 0``).
+    groups_per_device: 0 to clip in ``tx``; G/num_devices to clip each of G example groups separately.
+    class_dropout: class-conditional models: each example's label is replaced by the null class with this
+      probability (drawn from ``fold_in(fold_in(step_key, 3), global_example_index)``), so that one network
+      learns conditional and unconditional predictions (classifier-free guidance).
+  """
+
+  model: Any
+  schedule: schedule_lib.Schedule
+  tx: optax.GradientTransformation
+  lr_fn: optax.Schedule
+  ema_decay: float
+  mean_type: str = 'eps'
+  var_type: str = 'fixedlarge'
+  loss_type: str = 'mse'
+  grad_clip: float = 1.0
+  groups_per_device: int = 0
+  class_dropout: float = 0.0
+
+
+def step_settings(
+  config: ml_collections.ConfigDict,
   *,
   model: Any,
   schedule: schedule_lib.Schedule,
   tx: optax.GradientTransformation,
-  lr_fn: optax.Schedule,
-  ema_decay: float,
-  mean_type: str = 'eps',
-  var_type: str = 'fixedlarge',
-  loss_type: str = 'mse',
-  grad_clip: float = 1.0,
-  groups_per_device: int = 0,
-  class_dropout: float = 0.0,
-  axis_name: str = AXIS,
+  device_count: int,
+) -> StepSettings:
+  """The step settings of a training config (``config.optim``, ``config.diffusion``, ``model.class_dropout``)."""
+  o, df = config.optim, config.diffusion
+  num_classes = int(config.model.get('num_classes', 0))
+  return StepSettings(
+    model=model,
+    schedule=schedule,
+    tx=tx,
+    lr_fn=warmup_lr(o.lr, o.warmup_steps),
+    ema_decay=o.ema_decay,
+    mean_type=df.mean_type,
+    var_type=df.var_type,
+    loss_type=df.loss_type,
+    grad_clip=o.grad_clip,
+    groups_per_device=o.clip_groups // device_count if o.clip_groups else 0,
+    class_dropout=float(config.model.get('class_dropout', 0.0)) if num_classes else 0.0,
+  )
+
+
+def train_step(
+  state: TrainState, batch: Any, key: jax.Array, settings: StepSettings, *, axis_name: str = AXIS
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on this device's part of the global batch (run under `make_p_train_step`'s
   `jax.shard_map`, or `jax.pmap`, with ``axis_name``).
@@ -410,23 +459,14 @@ def train_step(
     batch: [b, H, W, C] float32 in [-1, 1], this device's examples (global examples d*b .. d*b+b-1); for a
       class-conditional model (``model.num_classes > 0``) a dict ``{'image': [b, H, W, C], 'label': [b] int}``.
     key: the run's training root key (the same on every device).
-    model: a Linen module called as ``model.apply({'params': p}, x, t, train=True, rngs={'dropout': k})``.
-    schedule: the forward process.
-    tx: optimizer (includes global-norm clipping unless ``groups_per_device > 0``).
-    lr_fn: the learning-rate schedule, for the metrics.
-    ema_decay: EMA decay; the first update copies the params (TF: decay 1e-10 at step 0).
-    mean_type, var_type, loss_type: passed to `diffusion.training_losses`.
-    grad_clip: clip norm for per-group clipping (only used when ``groups_per_device > 0``).
-    groups_per_device: 0 to clip in ``tx``; G/num_devices to clip each of G example groups separately.
-    class_dropout: class-conditional models: each example's label is replaced by the null class with this
-      probability (drawn from ``fold_in(fold_in(step_key, 3), global_example_index)``), so that one network
-      learns conditional and unconditional predictions (classifier-free guidance).
+    settings: the model, schedule, optimizer and the rest (:class:`StepSettings`).
     axis_name: the mapped axis to average over.
 
   Returns:
     ``(new_state, metrics)``; metrics ``loss`` (global batch mean), ``grad_norm`` (global norm of the averaged
     gradient before clipping; with groups, the mean of the groups' norms), ``lr`` (of this update).
   """
+  model, schedule = settings.model, settings.schedule
   num_classes = getattr(model, 'num_classes', 0)
   if isinstance(batch, dict):
     batch, labels = batch['image'], jnp.asarray(batch['label'], jnp.int32)
@@ -451,7 +491,9 @@ def train_step(
   )
   if labels is not None:  # A separate key (not a 4-way split) keeps unconditional runs' numbers unchanged.
     label_key = jax.random.fold_in(step_key, 3)
-    drop = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(label_key, i), class_dropout))(global_index)
+    drop = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(label_key, i), settings.class_dropout))(
+      global_index
+    )
     labels = jnp.where(drop, num_classes, labels)
   else:
     labels = jnp.zeros((b,), jnp.int32)  # unused: keeps one code path for the group split below
@@ -462,19 +504,26 @@ def train_step(
       return model.apply({'params': params}, x_t, t_in, *y_arg, train=True, rngs={'dropout': rng})
 
     losses = diffusion.training_losses(
-      schedule, denoise_fn, x, tt, eps, mean_type=mean_type, var_type=var_type, loss_type=loss_type
+      schedule,
+      denoise_fn,
+      x,
+      tt,
+      eps,
+      mean_type=settings.mean_type,
+      var_type=settings.var_type,
+      loss_type=settings.loss_type,
     )
     return jnp.mean(losses)
 
   grad_fn = jax.value_and_grad(loss_fn)
-  if groups_per_device:
-    g = groups_per_device
+  if settings.groups_per_device:
+    g = settings.groups_per_device
 
     def group_grad(args):
       x, tt, eps, y, i = args
       loss, grads = grad_fn(state.params, x, tt, eps, jax.random.fold_in(dropout_key, i), y)
       norm = optax.tree.norm(grads)
-      scale = jnp.minimum(1.0, grad_clip / jnp.maximum(norm, 1e-30))
+      scale = jnp.minimum(1.0, settings.grad_clip / jnp.maximum(norm, 1e-30))
       return loss, jax.tree.map(lambda x: x * scale, grads), norm
 
     split = lambda a: a.reshape((g, b // g) + a.shape[1:])
@@ -489,27 +538,27 @@ def train_step(
     grad_norm = optax.tree.norm(grads)
   loss = lax.pmean(loss, axis_name)
 
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates, opt_state = settings.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  decay = jnp.where(state.step == 0, 0.0, ema_decay).astype(jnp.float32)
+  decay = jnp.where(state.step == 0, 0.0, settings.ema_decay).astype(jnp.float32)
   ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
   new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
-  metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': jnp.asarray(lr_fn(state.step), jnp.float32)}
+  metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': jnp.asarray(settings.lr_fn(state.step), jnp.float32)}
   return new_state, metrics
 
 
-def make_p_train_step(devices=None, **step_kwargs) -> Callable:
+def make_p_train_step(settings: StepSettings, devices: Sequence[Any] | None = None) -> Callable:
   """The one place the step is made data-parallel: `jax.jit` of `jax.shard_map` over the devices' mesh.
 
   The mesh is `data_parallel.make_mesh(devices)`. The state is replicated (sharding ``P()``: every device holds
   the whole state, with no device axis; see `data_parallel.replicate`) and donated, so XLA updates the
-  parameters, the Adam moments and the EMA in place. With `jax.pmap`, whose state carries a leading device axis,
-  XLA copied every one of them each step (about 2 % of a CPU training step, BENCHMARKS.md). The batch is split
-  over the devices along its leading axis; the key is the same on every device.
+  parameters, the Adam moments and the EMA in place (with `jax.pmap`'s leading device axis XLA copied each of
+  them every step: BENCHMARKS.md). The batch is split over the devices along its leading axis; the key is the
+  same on every device.
 
   Args:
+    settings: the step's settings (:class:`StepSettings`).
     devices: the devices to run on (default: all, see `data_parallel.make_mesh`).
-    **step_kwargs: keyword arguments of `train_step` other than state/batch/key.
 
   Returns:
     ``p_train_step(state, batch [D, b, H, W, C], key) -> (state, metrics)`` with ``state`` as
@@ -518,10 +567,10 @@ def make_p_train_step(devices=None, **step_kwargs) -> Callable:
     array, for one process); a class-conditional model takes ``{'image': [D, b, H, W, C], 'label': [D, b]}``.
   """
   mesh = data_parallel.make_mesh(devices)
-  step = functools.partial(train_step, **step_kwargs)
 
   def per_device(state, batch, key):
-    return step(state, jax.tree.map(lambda a: a[0], batch), key)  # this device's [1, b, ...] block -> [b, ...]
+    # this device's [1, b, ...] block -> [b, ...]
+    return train_step(state, jax.tree.map(lambda a: a[0], batch), key, settings)
 
   # check_vma=False, as jax.pmap has it: the step averages gradients with explicit pmeans (with the checks on,
   # autodiff would also sum the gradients of the replicated params). The state comes out identical on every
@@ -628,7 +677,8 @@ def train_and_evaluate(
 
   Returns:
     A summary dict: ``start_step``, ``final_step``, ``stopped_by_signal``, ``loss`` (mean over the last log
-    window), ``steps_per_sec``, ``wall_s``, ``checkpoint_dir``, ``last_samples`` (path or None).
+    window), ``steps_per_sec`` (excluding compilation), ``wall_s``, ``checkpoint_dir``, ``last_checkpoint`` (its
+    step, or None), ``last_samples`` (path or None).
 
   Raises:
     ConfigError: for an unusable config (before anything is built).
@@ -636,278 +686,313 @@ def train_and_evaluate(
       (`errors.WorkdirMismatchError`) or in use by another run (`errors.WorkdirBusyError`).
     NonFiniteLossError: when the loss becomes NaN/inf (the last good checkpoint is left intact).
   """
+  t_wall = time.time()
+  workdir = _check_before_anything(config, workdir, allow_config_change)
+  images, labels = _open_data(config)
+  is_chief = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.WorkdirLock(workdir) if is_chief else contextlib.nullcontext():
+    run = _restore_or_init(config, workdir, allow_config_change)
+    try:
+      if run.start_step >= config.train.num_steps:
+        logging.info(
+          'Checkpoint step %d already reaches train.num_steps=%d; nothing to train.',
+          run.start_step,
+          config.train.num_steps,
+        )
+        return dict(_summary(run), wall_s=time.time() - t_wall)
+      batches = _batches(config, images, labels, run)
+      summary = _loop(config, workdir, run, batches, is_chief=is_chief)
+    finally:
+      run.ckpt.close()
+  summary['wall_s'] = time.time() - t_wall
+  if is_chief:
+    _log_summary(config, workdir, summary)
+  return summary
+
+
+def _check_before_anything(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> str:
+  """Set-up: the config (also against the devices and hosts), the workdir path and what the workdir holds."""
   validate_config(config)
   if config.multihost and not jax.distributed.is_initialized():
     jax.distributed.initialize()  # Cloud TPU pods and SLURM/Open MPI clusters are detected automatically.
-  devices = jax.local_devices()
   validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
   workdir = paths.check_output_dir(workdir, '--workdir')
   workdir_lib.check_resume(config, workdir, allow_change=allow_config_change)
-  is_chief = jax.process_index() == 0
-  t_wall = time.time()
+  return workdir
 
+
+def _open_data(config: ml_collections.ConfigDict) -> tuple[np.ndarray | None, np.ndarray | None]:
+  """The data, before anything is built or written: a missing dataset or a bad image file ends the run here.
+
+  Returns the in-memory images and labels (None for a streamed tfds split, which is only opened).
+  """
   d = config.data
-  # The data before anything is built or written: a missing dataset or a bad image file ends the run here.
   if d.in_memory:
-    images, labels = _load_in_memory(config)
-  else:
-    input_pipeline.open_tfds_split(d.dataset, d.split, d.data_dir)
-
-  os.makedirs(workdir, exist_ok=True)
-  with workdir_lib.WorkdirLock(workdir) if is_chief else contextlib.nullcontext():
-    return _train(
-      config,
-      workdir,
-      devices,
-      images if d.in_memory else None,
-      labels if d.in_memory else None,
-      allow_config_change=allow_config_change,
-      is_chief=is_chief,
-      t_wall=t_wall,
-    )
+    return _load_in_memory(config)
+  input_pipeline.open_tfds_split(d.dataset, d.split, d.data_dir)
+  return None, None
 
 
-def _train(config, workdir, devices, images, labels, *, allow_config_change, is_chief, t_wall):
-  """The rest of `train_and_evaluate`: the workdir is locked and the in-memory data (images, labels) loaded."""
-  d, df, o, t = config.data, config.diffusion, config.optim, config.train
-  num_classes = int(config.model.get('num_classes', 0))
-  image_shape = (d.image_size, d.image_size, d.channels)
-  schedule = build_schedule(config)
-  model = build_model(config)
-  tx = build_optimizer(config)
+@dataclasses.dataclass
+class _Run:
+  """What the loop starts from: the step's settings, the host state, its checkpoint manager and the keys."""
 
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=t.keep_checkpoints)
+  settings: StepSettings
+  state: TrainState
+  start_step: int
+  restored_step: int | None
+  ckpt: checkpoint_lib.Checkpointer
+  train_key: jax.Array
+  sample_key: jax.Array
+  data_seed: int
+
+
+def _restore_or_init(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> _Run:
+  """Restore: the model and optimizer, and the newest readable checkpoint (or a fresh state at step 0).
+
+  A checkpoint is restored into the state's shapes (no computation): a resumed run neither initializes nor
+  compiles first. Unless ``allow_config_change``, the checkpoint must have been made with this config's identity.
+  """
+  d = config.data
+  schedule, model, tx = build_schedule(config), build_model(config), build_optimizer(config)
+  settings = step_settings(config, model=model, schedule=schedule, tx=tx, device_count=jax.device_count())
+  root = jax.random.key(config.seed)
+  init_key, train_key, sample_key = (jax.random.fold_in(root, i) for i in range(3))
+  data_seed = int(jax.random.randint(jax.random.fold_in(root, 3), (), 0, 2**31 - 1))
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=config.train.keep_checkpoints)
   try:
     latest = ckpt.latest_step()
     if latest is not None and not allow_config_change:  # what the newest checkpoint says it is
       workdir_lib.check_checkpoint_matches(config, ckpt.metadata(latest), where=f'{workdir} step {latest}')
-    # Restored into the state's shapes (no computation): a resumed run neither initializes nor compiles first.
-    restored, restored_step = ckpt.restore_latest(abstract_state(config, model))
+    state, restored_step = ckpt.restore_latest(abstract_state(config, model))
     if restored_step not in (None, latest) and not allow_config_change:  # fell back to an older step
       workdir_lib.check_checkpoint_matches(
         config, ckpt.metadata(restored_step), where=f'{workdir} step {restored_step}'
       )
+    if state is None:
+      state = init_state(model, tx, image_shape=(d.image_size, d.image_size, d.channels), key=init_key)
+    else:
+      logging.info('Resuming from checkpoint step %d in %s.', restored_step, ckpt.directory)
   except BaseException:
     ckpt.close()
     raise
-  root = jax.random.key(config.seed)
-  init_key, train_key, sample_key = (jax.random.fold_in(root, i) for i in range(3))
-  data_seed = int(jax.random.randint(jax.random.fold_in(root, 3), (), 0, 2**31 - 1))
-  if restored is not None:
-    state = restored
-    logging.info('Resuming from checkpoint step %d in %s.', restored_step, ckpt.directory)
-  else:
-    state = init_state(model, tx, image_shape=image_shape, key=init_key)
   logging.info('Model: %s parameters.', f'{unet_lib.count_params(state.params):,}')
-  start_step = int(state.step)
-  last_saved = restored_step
-  ckpt_meta = workdir_lib.checkpoint_metadata(config)
+  return _Run(settings, state, int(state.step), restored_step, ckpt, train_key, sample_key, data_seed)
 
-  summary = {
-    'start_step': start_step,
-    'final_step': start_step,
-    'stopped_by_signal': None,
-    'loss': None,
-    'steps_per_sec': None,
-    'wall_s': None,
-    'checkpoint_dir': ckpt.directory,
-    'last_samples': None,
-  }
-  if start_step >= t.num_steps:
-    logging.info('Checkpoint step %d already reaches train.num_steps=%d; nothing to train.', start_step, t.num_steps)
-    ckpt.close()
-    summary['wall_s'] = time.time() - t_wall
-    return summary
 
-  input_pipeline.hide_accelerators_from_tf()  # clu's TensorBoard writer imports TensorFlow.
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top  # imports TF: after hiding the devices
-
-  # TensorBoard only (the progress line is our log); other hosts write nothing.
-  writer = (
-    metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)) if is_chief else metric_writers.MultiWriter([])
+def _batches(config: ml_collections.ConfigDict, images: Any, labels: Any, run: _Run) -> Any:
+  """Data: this host's batches [local devices, b, ...] from the run's start step on, prefetched to the devices."""
+  d, o = config.data, config.optim
+  common = dict(
+    global_batch=o.batch_size,
+    seed=run.data_seed,
+    start_step=run.start_step,
+    random_flip=d.random_flip,
+    num_local_devices=jax.local_device_count(),
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
   )
-
-  n_dev = len(devices)
-  common = dict(num_local_devices=n_dev, process_index=jax.process_index(), process_count=jax.process_count())
   if d.in_memory:
-    batches = input_pipeline.in_memory_batches(
-      images,
-      global_batch=o.batch_size,
-      seed=data_seed,
-      start_step=start_step,
-      random_flip=d.random_flip,
-      labels=labels,
-      **common,
-    )
+    batches = input_pipeline.in_memory_batches(images, labels=labels, **common)
   else:
     batches = input_pipeline.tfds_stream_batches(
       d.dataset,
       split=d.split,
       image_size=d.image_size,
       channels=d.channels,
-      global_batch=o.batch_size,
-      seed=data_seed,
-      start_step=start_step,
-      random_flip=d.random_flip,
       shuffle_buffer=d.shuffle_buffer,
       data_dir=d.data_dir,
       **common,
     )
-  batches = input_pipeline.prefetch_to_device(batches, d.prefetch, data_parallel.device_sharding())
+  return input_pipeline.prefetch_to_device(batches, d.prefetch, data_parallel.device_sharding())
 
-  p_train_step = make_p_train_step(
-    model=model,
-    schedule=schedule,
-    tx=tx,
-    lr_fn=warmup_lr(o.lr, o.warmup_steps),
-    ema_decay=o.ema_decay,
-    mean_type=df.mean_type,
-    var_type=df.var_type,
-    loss_type=df.loss_type,
-    grad_clip=o.grad_clip,
-    groups_per_device=o.clip_groups // jax.device_count() if o.clip_groups else 0,
-    class_dropout=float(config.model.get('class_dropout', 0.0)) if num_classes else 0.0,
-  )
-  grid_sampler = None
-  if t.num_samples:  # image i of the grid depends only on (seed, i): not on the device or process count
-    spec = batch_sampler.SamplerSpec(
-      name='ancestral',
-      var_type=config.sample.var_type,
-      clip_denoised=config.sample.clip_denoised,
-      mean_type=df.mean_type,
-      guidance_scale=float(config.sample.get('guidance_scale', 0.0)),
-    )
-    grid_sampler = batch_sampler.BatchSampler(
-      model, None, schedule, spec, image_shape, seed=sample_key, all_processes=True
-    )
 
-  def write_samples(step, rstate):
-    # Every host's images, on every host; the EMA parameters as host arrays for this process's devices.
-    samples = grid_sampler(np.arange(t.num_samples), params=data_parallel.unreplicate(rstate.ema_params))
-    path = None
-    if is_chief:
-      scale, ncols = max(1, 128 // d.image_size), None
-      labels = grid_sampler.labels(np.arange(len(samples)))
-      if labels is not None:  # image i has class i mod K: show one row per class
-        samples, ncols = image_grid.rows_by_class(samples, labels)
-      path = image_grid.save_png(
-        os.path.join(workdir, 'samples', f'step_{step:08d}.png'), samples, scale=scale, ncols=ncols
-      )
-      writer.write_images(step, {'ema_samples': image_grid.make_grid(samples, ncols=ncols)[None]})
-      logging.info('Wrote EMA samples to %s', path)
-    return path
+class _LossWatch:
+  """The metrics of the steps since the last check, fetched together (one host sync per log window).
 
-  if is_chief:  # validated, restored and about to train: now the workdir is this config's
-    workdir_lib.save_config(config, workdir)
-  rstate = data_parallel.replicate(state)
-  del state
-  pending = []  # (step, device metrics) not yet checked for finiteness.
-  window = []
-  t_window, steps_window = time.time(), 0
-  step = start_step
-  train_t0, train_steps = None, 0
-  bar = None
-  if t.progress_bar and is_chief:
-    bar = tqdm.tqdm(total=t.num_steps, initial=start_step, unit='step', dynamic_ncols=True)
+  `check` raises `NonFiniteLossError` at the first step whose loss is NaN or infinite, before anything of that
+  step is saved; `mean` averages the checked steps since the last log line.
+  """
 
-  def flush():
-    """Fetches pending metrics, raising NonFiniteLossError at the first bad step."""
-    host = jax.device_get([mt for _, mt in pending])
-    for (s, _), mt in zip(pending, host):
-      loss = float(mt['loss'])
+  def __init__(self, ckpt: checkpoint_lib.Checkpointer, checkpoint_every: int):
+    self._ckpt, self._checkpoint_every = ckpt, checkpoint_every
+    self._pending: list[tuple[int, dict[str, jax.Array]]] = []
+    self._window: list[dict[str, float]] = []
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self._pending.append((step, metrics))
+
+  def check(self, last_saved: int | None) -> None:
+    host = jax.device_get([m for _, m in self._pending])
+    for (step, _), m in zip(self._pending, host):
+      loss = float(m['loss'])
       if not np.isfinite(loss):
-        ckpt.wait()
+        self._ckpt.wait()
         kept = (
-          f'The last good checkpoint (step {last_saved}) in {ckpt.directory} is intact and was not overwritten'
+          f'The last good checkpoint (step {last_saved}) in {self._ckpt.directory} is intact and was not overwritten'
           if last_saved is not None
-          else f'No checkpoint had been written yet (the first was due at step {t.checkpoint_every})'
+          else f'No checkpoint had been written yet (the first was due at step {self._checkpoint_every})'
         )
         raise NonFiniteLossError(
-          f'Loss is {loss} at step {s} (the update from state step {s} to {s + 1}); stopping. {kept}. '
+          f'Loss is {loss} at step {step} (the update from state step {step} to {step + 1}); stopping. {kept}. '
           'Lower optim.lr, keep optim.grad_clip > 0, or check the data, then rerun to resume.'
         )
-      window.append({k: float(v) for k, v in mt.items()})
-    pending.clear()
+      self._window.append({k: float(v) for k, v in m.items()})
+    self._pending.clear()
 
-  def save(step_done):
-    nonlocal last_saved
-    flush()
-    ckpt.save(step_done, data_parallel.unreplicate(rstate), metadata=ckpt_meta)
-    last_saved = step_done
+  def mean(self) -> dict[str, float] | None:
+    """Mean loss and gradient norm of the checked steps since the last call, and the last learning rate."""
+    if not self._window:
+      return None
+    scalars = {k: float(np.mean([w[k] for w in self._window])) for k in ('loss', 'grad_norm')}
+    scalars['lr'] = self._window[-1]['lr']
+    self._window.clear()
+    return scalars
 
-  with _StopOnSignal() as stop:
-    try:
-      for step in range(start_step, t.num_steps):
-        batch = next(batches)
-        rstate, metrics = p_train_step(rstate, batch, train_key)
-        pending.append((step, metrics))
+
+def _summary(run: _Run) -> dict[str, Any]:
+  return dict(
+    start_step=run.start_step,
+    final_step=run.start_step,
+    stopped_by_signal=None,
+    loss=None,
+    steps_per_sec=None,
+    wall_s=None,
+    checkpoint_dir=run.ckpt.directory,
+    last_checkpoint=run.restored_step,
+    last_samples=None,
+  )
+
+
+def _loop(config: ml_collections.ConfigDict, workdir: str, run: _Run, batches: Any, *, is_chief: bool) -> dict:
+  """Loop: the steps, with metrics, checkpoints and sample grids on their schedules; returns the summary."""
+  tr = config.train
+  p_train_step = make_p_train_step(run.settings)
+  grid_sampler = _grid_sampler(config, run) if tr.num_samples else None
+  input_pipeline.hide_accelerators_from_tf()  # clu imports TensorFlow (its TensorBoard writer and profiler)
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top  # TF: after hiding devices
+
+  # TensorBoard on the chief only; the progress lines go to the log (or a tqdm bar with train.progress_bar).
+  writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)) if is_chief else None
+  progress = (
+    periodic_actions.ReportProgress(num_train_steps=tr.num_steps, writer=writer, every_steps=tr.log_every)
+    if is_chief
+    else None
+  )
+  bar = tqdm.tqdm(total=tr.num_steps, initial=run.start_step, unit='step') if tr.progress_bar and is_chief else None
+  if is_chief:  # validated, restored and about to train: now the workdir is this config's
+    workdir_lib.save_config(config, workdir)
+  ckpt_meta = workdir_lib.checkpoint_metadata(config)
+  watch = _LossWatch(run.ckpt, tr.checkpoint_every)
+  summary = _summary(run)
+  rstate = data_parallel.replicate(run.state)
+  run.state = None  # the devices hold the state now
+  timed_from = None  # (time, step) after the first step: the speed excludes compilation
+  try:
+    with _StopOnSignal() as stop:
+      for step in range(run.start_step, tr.num_steps):
+        rstate, metrics = p_train_step(rstate, next(batches), run.train_key)
+        watch.add(step, metrics)
         done = step + 1
-        if train_t0 is None:  # Exclude compilation from the rates.
+        if timed_from is None:
           jax.block_until_ready(metrics)
-          train_t0 = t_window = time.time()
-        else:
-          train_steps += 1
-          steps_window += 1
+          timed_from = (time.time(), done)
+        if progress is not None:
+          progress(done)  # steps/s and ETA in the log every train.log_every steps (clu)
         if bar is not None:
           bar.update(1)
-        if done % t.log_every == 0 or done == t.num_steps or stop.signum:
-          flush()
-          if window:
-            now = time.time()
-            rate = steps_window / max(now - t_window, 1e-9) if steps_window else float('nan')
-            scalars = {k: float(np.mean([w[k] for w in window])) for k in ('loss', 'grad_norm')}
-            scalars['lr'] = window[-1]['lr']
-            scalars['steps_per_sec'] = rate
-            scalars['images_per_sec'] = rate * o.batch_size
-            writer.write_scalars(done, scalars)
-            eta = (t.num_steps - done) / rate if rate == rate and rate > 0 else float('nan')
-            line = (
-              f'step {done}/{t.num_steps} | loss {scalars["loss"]:.4f} | grad_norm '
-              f'{scalars["grad_norm"]:.3f} | lr {scalars["lr"]:.2e} | {rate:.2f} steps/s | '
-              f'{rate * o.batch_size:.0f} img/s | ETA {_fmt_duration(eta) if eta == eta else "?"}'
-            )
-            if bar is not None:
-              bar.set_postfix_str(line.split(' | ', 1)[1])
-            elif is_chief:
-              logging.info('%s', line)
+        last = done == tr.num_steps or stop.signum is not None
+        if done % tr.log_every == 0 or last:
+          watch.check(summary['last_checkpoint'])
+          scalars = watch.mean()
+          if scalars is not None:
             summary['loss'] = scalars['loss']
-            window.clear()
-            t_window, steps_window = now, 0
-        if done % t.checkpoint_every == 0 or done == t.num_steps or stop.signum:
-          save(done)
-        if grid_sampler is not None and ((t.sample_every and done % t.sample_every == 0) or done == t.num_steps):
-          summary['last_samples'] = write_samples(done, rstate)
-        if stop.signum:
+            _report(done, tr.num_steps, scalars, writer, bar, is_chief)
+        if done % tr.checkpoint_every == 0 or last:
+          watch.check(summary['last_checkpoint'])  # never save the state of a step with a bad loss
+          run.ckpt.save(done, data_parallel.unreplicate(rstate), metadata=ckpt_meta)
+          summary['last_checkpoint'] = done
+        if grid_sampler is not None and ((tr.sample_every and done % tr.sample_every == 0) or done == tr.num_steps):
+          summary['last_samples'] = _write_grid(config, workdir, grid_sampler, done, rstate, writer, is_chief)
+        if stop.signum is not None:
           summary['stopped_by_signal'] = signal.Signals(stop.signum).name
           break
-      summary['final_step'] = step + 1
-    finally:
-      if bar is not None:
-        bar.close()
-      ckpt.close()
+      summary['final_step'] = done
+  finally:
+    if bar is not None:
+      bar.close()
+    if writer is not None:
       writer.flush()
       writer.close()
-
-  wall = time.time() - t_wall
-  rate = train_steps / (time.time() - train_t0) if train_t0 and train_steps else None
-  summary.update(steps_per_sec=rate, wall_s=wall)
-  if is_chief:
-    lines = [
-      'Training summary',
-      f'  steps        {start_step} -> {summary["final_step"]} of {t.num_steps}'
-      + (
-        f' (stopped by {summary["stopped_by_signal"]}; rerun the same command to resume)'
-        if summary['stopped_by_signal']
-        else ''
-      ),
-      f'  last loss    {summary["loss"]:.4f}' if summary['loss'] is not None else '  last loss    n/a',
-      f'  speed        {rate:.2f} steps/s, {rate * o.batch_size:.0f} images/s (excl. compilation)'
-      if rate
-      else '  speed        n/a',
-      f'  wall time    {_fmt_duration(wall)}',
-      f'  checkpoint   step {last_saved} in {ckpt.directory}',
-      f'  samples      {summary["last_samples"]}',
-      f'  tensorboard  tensorboard --logdir {workdir}',
-    ]
-    logging.info('\n%s', '\n'.join(lines))
+  if done > timed_from[1]:
+    summary['steps_per_sec'] = (done - timed_from[1]) / (time.time() - timed_from[0])
   return summary
+
+
+def _report(step: int, num_steps: int, scalars: dict, writer: Any, bar: Any, is_chief: bool) -> None:
+  """One log line (or the tqdm bar's text) and the TensorBoard scalars of a log window."""
+  if writer is not None:
+    writer.write_scalars(step, scalars)
+  text = f'loss {scalars["loss"]:.4f} | grad_norm {scalars["grad_norm"]:.3f} | lr {scalars["lr"]:.2e}'
+  if bar is not None:
+    bar.set_postfix_str(text)
+  elif is_chief:
+    logging.info('step %d/%d | %s', step, num_steps, text)
+
+
+def _grid_sampler(config: ml_collections.ConfigDict, run: _Run) -> batch_sampler.BatchSampler:
+  """The EMA sample grids' sampler: the paper's, image i from (seed, i) alone (not the device or host count)."""
+  d = config.data
+  spec = batch_sampler.SamplerSpec(
+    name='ancestral',
+    var_type=config.sample.var_type,
+    clip_denoised=config.sample.clip_denoised,
+    mean_type=config.diffusion.mean_type,
+    guidance_scale=float(config.sample.get('guidance_scale', 0.0)),
+  )
+  image_shape = (d.image_size, d.image_size, d.channels)
+  return batch_sampler.BatchSampler(
+    run.settings.model, None, run.settings.schedule, spec, image_shape, seed=run.sample_key, all_processes=True
+  )
+
+
+def _write_grid(config, workdir, grid_sampler, step, rstate, writer, is_chief) -> str | None:
+  """Samples ``train.num_samples`` images with the EMA parameters (every host's, gathered) and saves the grid."""
+  n = config.train.num_samples
+  # This process's devices sample its share from the EMA parameters on the host; every host gets all images.
+  samples = grid_sampler(np.arange(n), params=data_parallel.unreplicate(rstate.ema_params))
+  if not is_chief:
+    return None
+  ncols, labels = None, grid_sampler.labels(np.arange(n))
+  if labels is not None:  # image i has class i mod K: one row per class
+    samples, ncols = image_grid.rows_by_class(samples, labels)
+  path = image_grid.save_png(
+    os.path.join(workdir, 'samples', f'step_{step:08d}.png'),
+    samples,
+    scale=max(1, 128 // config.data.image_size),
+    ncols=ncols,
+  )
+  writer.write_images(step, {'ema_samples': image_grid.make_grid(samples, ncols=ncols)[None]})
+  logging.info('Wrote EMA samples to %s', path)
+  return path
+
+
+def _log_summary(config: ml_collections.ConfigDict, workdir: str, summary: dict) -> None:
+  """Summary: what the run did, where everything is, and how to resume or look at it."""
+  rate, batch = summary['steps_per_sec'], config.optim.batch_size
+  stopped = summary['stopped_by_signal']
+  lines = [
+    'Training summary',
+    f'  steps        {summary["start_step"]} -> {summary["final_step"]} of {config.train.num_steps}'
+    + (f' (stopped by {stopped}; rerun the same command to resume)' if stopped else ''),
+    f'  last loss    {summary["loss"]:.4f}' if summary['loss'] is not None else '  last loss    n/a',
+    f'  speed        {rate:.2f} steps/s, {rate * batch:.0f} images/s (excl. compilation)'
+    if rate
+    else '  speed        n/a',
+    f'  wall time    {_fmt_duration(summary["wall_s"])}',
+    f'  checkpoint   step {summary["last_checkpoint"]} in {summary["checkpoint_dir"]}',
+    f'  samples      {summary["last_samples"]}',
+    f'  tensorboard  tensorboard --logdir {workdir}',
+  ]
+  logging.info('\n%s', '\n'.join(lines))

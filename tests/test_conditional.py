@@ -191,15 +191,10 @@ def _step_once(model, batch, class_dropout, seed=0):
   tx = train_lib.make_optimizer(lr=1e-3, warmup_steps=0)
   state = train_lib.create_state(train_lib.init_params(model, image_shape=SHAPE, key=jax.random.key(seed)), tx)
   devices = jax.local_devices()[:1]
-  step = train_lib.make_p_train_step(
-    devices=devices,
-    model=model,
-    schedule=SCHED,
-    tx=tx,
-    lr_fn=train_lib.warmup_lr(1e-3, 0),
-    ema_decay=0.9,
-    class_dropout=class_dropout,
+  settings = train_lib.StepSettings(
+    model=model, schedule=SCHED, tx=tx, lr_fn=train_lib.warmup_lr(1e-3, 0), ema_decay=0.9, class_dropout=class_dropout
   )
+  step = train_lib.make_p_train_step(settings, devices=devices)
   batch = jax.tree.map(lambda a: a[None], batch)
   new_state, metrics = step(data_parallel.replicate(state, devices), batch, jax.random.key(1))
   return data_parallel.unreplicate(new_state), {k: float(v) for k, v in metrics.items()}

@@ -331,9 +331,10 @@ def test_both_implementations_train_alike(tiny_params):
   key = jax.random.key(5)
 
   def run(model):
-    step = train_lib.make_p_train_step(
-      devices=devices, model=model, schedule=schedule, tx=tx, lr_fn=train_lib.warmup_lr(1e-3, 0), ema_decay=0.9
+    settings = train_lib.StepSettings(
+      model=model, schedule=schedule, tx=tx, lr_fn=train_lib.warmup_lr(1e-3, 0), ema_decay=0.9
     )
+    step = train_lib.make_p_train_step(settings, devices=devices)
     state = data_parallel.replicate(train_lib.create_state(tiny_params, tx), devices)
     step = step.lower(state, batch, key).compile({'xla_backend_optimization_level': 0})
     losses = []

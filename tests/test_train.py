@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -44,8 +45,7 @@ def _run_steps(devices, steps=3, *, clip_groups=0, grad_clip=1.0, lr=1e-3, warmu
     return _RUNS[cache_key]
   tx = train_lib.make_optimizer(lr=lr, warmup_steps=warmup, grad_clip=grad_clip, clip_in_optimizer=not clip_groups)
   state = train_lib.create_state(_params(), tx)
-  p_step = train_lib.make_p_train_step(
-    devices=devices,
+  settings = train_lib.StepSettings(
     model=MODEL,
     schedule=SCHEDULE,
     tx=tx,
@@ -54,6 +54,7 @@ def _run_steps(devices, steps=3, *, clip_groups=0, grad_clip=1.0, lr=1e-3, warmu
     grad_clip=grad_clip,
     groups_per_device=clip_groups // len(devices) if clip_groups else 0,
   )
+  p_step = train_lib.make_p_train_step(settings, devices=devices)
   rstate = data_parallel.replicate(state, devices)
   batches = input_pipeline.in_memory_batches(
     input_pipeline.load_digits(8), global_batch=batch, seed=0, num_local_devices=len(devices)
@@ -94,9 +95,10 @@ def test_one_vs_eight_devices(clip_groups):
 def test_step_keeps_replicas_identical_and_donates_the_state():
   devices = jax.local_devices()
   tx = train_lib.make_optimizer(lr=1e-3, warmup_steps=2, grad_clip=1.0)
-  p_step = train_lib.make_p_train_step(
-    devices=devices, model=MODEL, schedule=SCHEDULE, tx=tx, lr_fn=train_lib.warmup_lr(1e-3, 2), ema_decay=0.9
+  settings = train_lib.StepSettings(
+    model=MODEL, schedule=SCHEDULE, tx=tx, lr_fn=train_lib.warmup_lr(1e-3, 2), ema_decay=0.9
   )
+  p_step = train_lib.make_p_train_step(settings, devices=devices)
   rstate = data_parallel.replicate(train_lib.create_state(_params(), tx), devices)
   leaf = jax.tree.leaves(rstate.params)[0]
   assert leaf.shape == jax.tree.leaves(_params())[0].shape and leaf.sharding.is_fully_replicated
@@ -194,7 +196,10 @@ def test_end_to_end_tfds_mock(tmp_path):
   _check_workdir(workdir, [2, 4], [2, 4])
 
 
-def test_end_to_end_image_folder(tmp_path):
+def test_end_to_end_image_folder(tmp_path, monkeypatch):
+  # The loop compiles its step once: steps, a checkpoint and a sample grid in between never retrace it (the state
+  # comes back with the sharding and types it went in with).
+  monkeypatch.setattr(train_lib, 'train_step', chex.assert_max_traces(train_lib.train_step, n=1))
   folder = tmp_path / 'images'
   folder.mkdir()
   rng = np.random.default_rng(0)
