@@ -298,10 +298,18 @@ def _dtype(x: Any) -> np.dtype:
 
 
 def save_json(path: str, obj: Any) -> None:
-  """Writes ``obj`` as indented JSON atomically (write to a temporary file, then rename)."""
+  """Writes ``obj`` as indented JSON atomically (write to a temporary file, then rename).
+
+  A write that fails (e.g. a value JSON cannot encode, a full disk) leaves ``path`` as it was and no temporary file.
+  """
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    f.write('\n')
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'w') as f:
+      json.dump(obj, f, indent=2, sort_keys=True, default=str)
+      f.write('\n')
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise

@@ -230,6 +230,8 @@ def test_rounds_run_end_to_end(tmp_path, capsys):
       '1',
       '--impl',
       'jax',
+      '--cpu_tuning',
+      'none',  # one process per round (auto would run JAX's two phases in two)
       '--rounds',
       '2',
       '--json',

@@ -1,5 +1,6 @@
 """Tests for ddpm_jax.checkpoint: round trip, retention, and fallback from corrupted checkpoints."""
 
+import json
 import logging
 import os
 import subprocess
@@ -101,10 +102,23 @@ def test_all_unreadable_raises_and_moves_nothing(tmp_path):
   ck.close()
 
 
-def test_save_json(tmp_path):
-  path = tmp_path / 'a' / 'config.json'
-  checkpoint.save_json(str(path), {'x': (1, 2), 'y': 'z'})
-  assert path.read_text().startswith('{')
+def test_save_json_round_trip_atomic_write_and_failed_write(tmp_path, monkeypatch):
+  path = tmp_path / 'a' / 'config.json'  # the folder is created
+  checkpoint.save_json(str(path), {'x': (1, 2), 'y': 'z', 'p': tmp_path})
+  # Round trip: tuples come back as lists, anything else JSON lacks as its str().
+  assert json.loads(path.read_text()) == {'x': [1, 2], 'y': 'z', 'p': str(tmp_path)}
+  # Atomic: the new text goes to a temporary file that replaces the old one in one rename.
+  renames = []
+  real_replace = os.replace
+  monkeypatch.setattr(os, 'replace', lambda src, dst: (renames.append((src, dst)), real_replace(src, dst)))
+  checkpoint.save_json(str(path), {'x': 3})
+  assert renames == [(f'{path}.tmp', str(path))] and json.loads(path.read_text()) == {'x': 3}
+  # A failed write (a circular value) leaves the old file as it was, and no temporary file.
+  circular = {}
+  circular['self'] = circular
+  with pytest.raises(ValueError, match='Circular'):
+    checkpoint.save_json(str(path), circular)
+  assert json.loads(path.read_text()) == {'x': 3} and sorted(os.listdir(path.parent)) == ['config.json']
 
 
 def test_metadata_is_saved_with_each_step(tmp_path):
