@@ -1,7 +1,7 @@
 """How well inpainting and SDEdit keep what a digit is: the digits demo model, scored by the digits classifier.
 
 For held-out real digits (the SVM of ``evaluation.digits_classifier`` never trained on them) this edits each image
-with ``editing.run`` and reports the fraction of results that the SVM still assigns to the input's class:
+with ``edit_lib.run`` and reports the fraction of results that the SVM still assigns to the input's class:
 
 * inpainting (RePaint) of the ``--mask`` region, without resampling and with ``--jump_length`` x
   ``--jump_n_sample`` resampling jumps (RePaint's 10 x 10 by default);

@@ -4,21 +4,11 @@ starts, and the choice of the U-Net's layers (`model_layers`, under "Layers" bel
 
 XLA:CPU in jaxlib 0.10 hands matmuls, convolutions, element-wise ops and reductions to the YNNPACK library by
 default. For this U-Net that is slower than XLA's own kernels for the convolutions and their gradients, and faster
-for the reductions (GroupNorm). Measured with ``benchmarks/bench.py --batch 32 --impl jax`` on the 2-core
-development machine (BENCHMARKS.md), ``--xla_cpu_experimental_ynn_fusion_type`` =
-
-  ====================  =============  ==================
-  value                 train img/s    sample img-steps/s
-  ====================  =============  ==================
-  (jaxlib default)      2.72 - 3.02    14.2 - 14.9
-  ``reduce``            4.29           16.7
-  ``individual_dot``    3.08           19.8
-  ====================  =============  ==================
-
-(measured before the hand-written gradients of `ddpm_jax.models.cpu_layers`; BENCHMARKS.md has the current
-figures), so training runs with ``reduce`` and sampling-only commands with ``individual_dot``. `ynn_reductions`
-tells which of the two is in force; with XLA's own reduction kernels the CPU layers compute the GroupNorm
-statistics and the attention softmax's row max and sum as trees of halvings, which are faster there
+for the reductions (GroupNorm). ``--xla_cpu_experimental_ynn_fusion_type`` chooses what YNNPACK gets: training
+runs with ``reduce`` and sampling-only commands with ``individual_dot``, the fastest of the values measured for
+each (the table "What the performance features do here" in BENCHMARKS.md has the numbers and commands).
+`ynn_reductions` tells which of the two is in force; with XLA's own reduction kernels the CPU layers compute the
+GroupNorm statistics and the attention softmax's row max and sum as trees of halvings, which are faster there
 (``UNet.cpu_tree_reductions``, set by `model_layers`). The flag only concerns the CPU backend: on GPU and TPU
 hosts it changes nothing (the device does the work).
 
@@ -32,16 +22,15 @@ computes on: the layers of `ddpm_jax.models.cpu_layers` (``'cpu'``) on XLA:CPU, 
 (``'cpu'`` only on a CPU). No accelerator was available to measure whether the CPU layers would help there, so
 the accelerator default is the reference. The choice is made once, when the model is built, and logged.
 
-Memory: each call of a compiled program allocates its buffers afresh (about 1.9 GB are touched in one training
-step of the CIFAR-10 model at batch 32), and glibc's malloc hands large blocks out as new 4 KiB pages, so the
-kernel takes about 480,000 page faults per step to map and zero them: about 10 % of the CPU time of a step on the
-2-core development machine. With glibc's ``glibc.malloc.hugetlb=1`` tunable malloc asks for transparent huge pages
-(2 MiB) instead, and the faults drop to a few thousand (BENCHMARKS.md). glibc reads its tunables only when a
-process starts, so `restart_with_malloc_tuning` re-executes a command with ``GLIBC_TUNABLES`` set; the commands
-call it first thing. It applies only on Linux with glibc 2.35 or newer, with transparent huge pages in
-``madvise`` mode (in ``always`` mode malloc gets them anyway; in ``never`` mode there are none), when JAX computes
-on the CPU (``JAX_PLATFORMS`` starts with ``cpu``, or no GPU/TPU plug-in is installed), when the user has not set
-the tunable, and not with ``DDPM_JAX_CPU_TUNING=0``.
+Memory: each call of a compiled program allocates its buffers afresh, and glibc's malloc hands large blocks out as
+new 4 KiB pages, so the kernel takes hundreds of thousands of page faults per training step to map and zero them, a
+noticeable share of a step's CPU time (BENCHMARKS.md, "Why huge pages", has the counts). With glibc's
+``glibc.malloc.hugetlb=1`` tunable malloc asks for transparent huge pages (2 MiB) instead, and the faults drop to a
+few thousand. glibc reads its tunables only when a process starts, so `restart_with_malloc_tuning` re-executes a
+command with ``GLIBC_TUNABLES`` set; the commands call it first thing. It applies only on Linux with glibc 2.35 or
+newer, with transparent huge pages in ``madvise`` mode (in ``always`` mode malloc gets them anyway; in ``never``
+mode there are none), when JAX computes on the CPU (``JAX_PLATFORMS`` starts with ``cpu``, or no GPU/TPU plug-in
+is installed), when the user has not set the tunable, and not with ``DDPM_JAX_CPU_TUNING=0``.
 """
 
 from __future__ import annotations

@@ -4,14 +4,16 @@ Every command that uses a trained network (``sample.py``, ``evaluate.py --metric
 ``edit.py``, ``export.py``) gets it as one :class:`LoadedModel`: the U-Net, its parameters, the schedule it
 was trained with and its sampling settings. Where it comes from::
 
-  load_model(workdir=..., pretrained=..., step=...)   what the commands' --workdir / --pretrained call
+  load_model(workdir=, pretrained=, step=, layers=)   the commands' --workdir / --pretrained / --step / --layers
   |- load_workdir(workdir, step)                      a train.py workdir: config.json + orbax checkpoint
   '- load_pretrained(spec)                            --pretrained:
      |- load_tf_pretrained(prefix)                      a TF checkpoint prefix (formats.tf_checkpoint)
      '- load_diffusers(path_or_repo_id)                 a diffusers folder or hub id (formats.diffusers)
 
 The file formats themselves (names, layouts, configs) live in :mod:`ddpm_jax.formats`; the released models'
-expected settings in :mod:`ddpm_jax.releases`.
+expected settings in :mod:`ddpm_jax.releases`. The U-Net comes with the layers `ddpm_jax.cpu_tuning.model_layers`
+chooses for the backend (the CPU layers on XLA:CPU), a workdir's ``model.layers``, or what ``layers=`` forces: the
+same parameters and network either way.
 
 Example (the functional API on a loaded model)::
 

@@ -22,7 +22,7 @@ Conventions:
     :mod:`ddpm_jax.models` accepts fractional timesteps (its sinusoidal embedding is computed in float32 from the
     number); a ``denoise_fn`` that indexes a table by ``t`` (e.g. :func:`ddpm_jax.sampling.remap_timesteps`)
     needs integer timesteps and only works with the discrete-time samplers.
-  * Classifier-free guidance: pass a guided ``denoise_fn`` (:func:`ddpm_jax.sampling.classifier_free_guidance`).
+  * Classifier-free guidance: pass a guided ``denoise_fn`` (:func:`ddpm_jax.guidance.denoise_fn`).
     The guidance is then applied to the network's prediction (eps-hat, or x0-hat for an 'xstart' model) at every
     call, before the solver converts it and forms its update; the multistep solvers extrapolate the guided
     predictions.

@@ -369,9 +369,13 @@ def _init(model: Any, image_shape: tuple[int, int, int], key: jax.Array) -> Any:
   return model.init({'params': key}, x, t, *y, train=False)['params']
 
 
+# Compiled once per (model, image shape): a Linen module is a hashable dataclass of its fields.
+_init_jit = jax.jit(_init, static_argnums=(0, 1))
+
+
 def init_params(model: Any, *, image_shape: tuple[int, int, int], key: jax.Array) -> Any:
   """Initial model parameters on the host, from ``key``."""
-  return jax.device_get(jax.jit(lambda k: _init(model, image_shape, k))(key))
+  return jax.device_get(_init_jit(model, tuple(image_shape), key))
 
 
 def create_state(params: Any, tx: optax.GradientTransformation) -> TrainState:

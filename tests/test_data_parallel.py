@@ -56,3 +56,30 @@ def test_map_over_devices_names_a_wrong_leading_axis():
   run = data_parallel.map_over_devices(lambda shared, x: x, jax.devices()[:4])
   with pytest.raises(ValueError, match=r'argument 1 has shape \(3, 2\).*\[4, n, \.\.\.\]'):
     run({}, np.zeros((3, 2), np.float32))
+
+
+def test_indexed_map_keys_each_index_alone_on_any_device_count():
+  """Index i's result depends on (key, i, its inputs) only: the same on 1, 3 or 8 devices, in any batch."""
+
+  def fn(shared, key, x, y):
+    return {'value': x * shared + jax.random.normal(key, ()), 'y': y}
+
+  x = np.arange(5, dtype=np.float32)
+  y = np.arange(10, dtype=np.int32).reshape(5, 2)
+  outs = [
+    data_parallel.IndexedMap(fn, np.float32(2.0), key=7, devices=jax.devices()[:n])(np.arange(5), x, y)
+    for n in (1, 3, 8)
+  ]
+  for out in outs[1:]:
+    np.testing.assert_array_equal(out['value'], outs[0]['value'])
+  np.testing.assert_array_equal(outs[0]['y'], y)  # padding rows are dropped
+  expected = x * 2.0 + np.array([jax.random.normal(jax.random.fold_in(jax.random.key(7), i), ()) for i in range(5)])
+  np.testing.assert_allclose(outs[0]['value'], expected, rtol=1e-6)
+  run = data_parallel.IndexedMap(fn, None, key=jax.random.key(7))  # a key instead of a seed; shared per call
+  np.testing.assert_array_equal(run([3, 4], x[3:], y[3:], shared=np.float32(2.0))['value'], outs[0]['value'][3:])
+  with pytest.raises(ValueError, match='input 1 has shape'):
+    run(np.arange(5), x[:4], y, shared=np.float32(1.0))
+  with pytest.raises(ValueError, match='pass shared='):
+    run(np.arange(5), x, y)
+  with pytest.raises(ValueError, match='non-empty'):
+    run(np.array([], np.int64), x[:0], y[:0], shared=np.float32(1.0))

@@ -44,20 +44,30 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _start(workdir, nproc, pid, port, ndev):
+def _env():
   env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)
+  for name in ('XLA_FLAGS', 'JAX_COMPILATION_CACHE_DIR'):  # no shared cache: two processes would write one entry
+    env.pop(name, None)
   env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=ROOT)
+  return env
+
+
+def _start(workdir, nproc, pid, port, ndev):
   return subprocess.Popen(
     [sys.executable, '-c', _WORKER, workdir, str(nproc), str(pid), str(port), str(ndev)],
-    env=env,
+    env=_env(),
     cwd=ROOT,
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
   )
 
 
-def _result(proc, timeout=300):
+# Generous: the pair waits on each other at every collective, and on a busy 2-core machine a run took up to ~300 s.
+# A hang still fails, after this budget per run.
+BUDGET_S = 900
+
+
+def _result(proc, timeout=BUDGET_S):
   out = proc.communicate(timeout=timeout)[0].decode()
   assert proc.returncode == 0, out[-3000:]
   line = [l for l in out.splitlines() if l.startswith('RESULT ')][-1].split()
@@ -68,13 +78,17 @@ def test_two_processes_train_like_one(tmp_path):
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
   port = _free_port()
   procs = [_start(multi, 2, pid, port, 2) for pid in range(2)]
-  reference = _start(single, 1, 0, 0, 4)
   try:
     results = [_result(p) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  # The reference after the pair, not beside it: three processes on two cores made the pair's collectives wait.
+  reference = _start(single, 1, 0, 0, 4)
+  try:
     ref = _result(reference)
   finally:
-    for p in procs + [reference]:
-      p.kill()
+    reference.kill()
   assert ref[1:3] == (4, 4)
   assert sorted(r[0] for r in results) == [0, 1]
   for _, devices, final_step, loss in results:
@@ -107,9 +121,7 @@ print('RESULT', pid, jax.device_count(), json.dumps(np.asarray(out).ravel().toli
 def test_map_over_devices_runs_on_each_process_alone():
   """What sample.py and the bits/dim evaluation do on a multi-process host: local devices only, no collectives."""
   port = _free_port()
-  env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)
-  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=ROOT)
+  env = _env()
   procs = [
     subprocess.Popen(
       [sys.executable, '-c', _LOCAL_WORKER, str(pid), str(port)],
@@ -121,7 +133,7 @@ def test_map_over_devices_runs_on_each_process_alone():
     for pid in range(2)
   ]
   try:
-    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    outs = [p.communicate(timeout=BUDGET_S)[0].decode() for p in procs]
   finally:
     for p in procs:
       p.kill()
