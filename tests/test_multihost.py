@@ -25,6 +25,7 @@ import jax
 from configs import tiny
 from ddpm_jax import train_lib
 config = tiny.get_config()
+config.model.ch_mult, config.model.attn_resolutions = (1,), ()  # lighter: one level, no attention
 if nproc > 1:
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=nproc, process_id=pid)
