@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from ddpm_jax import data_parallel, diffusion, guidance, solvers
+from ddpm_jax import progress as progress_lib
 from ddpm_jax import schedule as sched_lib
 from ddpm_jax.input_pipeline import to_uint8
 
@@ -165,6 +166,11 @@ class BatchSampler:
     devices: this process's devices to use (default all).
     all_processes: split each call's images over all processes and gather them on every process (the training
       grids of a multi-host run); see `ddpm_jax.data_parallel.IndexedMap`.
+    progress: a `ddpm_jax.progress.Progress` that counts the network calls of each call (``network_calls`` per
+      call, whatever the number of images); None compiles no callback.
+
+  Attributes:
+    network_calls: network calls per call (each on all of its images at once): the unit of ``progress``.
 
   Raises:
     ValueError: ``spec`` does not fit the schedule or the model (before anything compiles).
@@ -181,12 +187,16 @@ class BatchSampler:
     seed: int | jax.Array,
     devices: Sequence[Any] | None = None,
     all_processes: bool = False,
+    progress: progress_lib.Progress | None = None,
   ):
     self.image_shape = tuple(image_shape)
     self.num_classes = int(getattr(model, 'num_classes', 0))
     self.class_label = spec.class_label
+    fn = image_fn(model, schedule, spec, image_shape)  # validates spec first
+    self.network_calls = solvers.network_calls(spec.name, spec.steps, schedule.num_timesteps)
+    self.progress = progress
     self._map = data_parallel.IndexedMap(
-      image_fn(model, schedule, spec, image_shape), params, key=seed, devices=devices, all_processes=all_processes
+      fn, params, key=seed, devices=devices, all_processes=all_processes, progress=progress
     )
     self.devices = self._map.devices
 

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from ddpm_jax import progress as progress_lib
+
 AXIS = 'batch'
 SPLIT = jax.sharding.PartitionSpec(AXIS)  # split over the devices along the leading axis (batches)
 REPLICATED = jax.sharding.PartitionSpec()  # whole on every device (parameters, the train state)
@@ -115,6 +117,8 @@ class IndexedMap:
     all_processes: with several processes, split each call's indices over all of them (every process must make the
       same call) and gather the results on every process (`multihost_utils.process_allgather`). Otherwise each
       process computes all the indices it is given on its own devices.
+    progress: a `ddpm_jax.progress.Progress` to report the network calls of ``fn``'s chains to, from the first
+      device (all devices run the same chain in step); None (default) compiles no callback at all.
   """
 
   def __init__(
@@ -125,13 +129,21 @@ class IndexedMap:
     key: jax.Array | int,
     devices: Sequence[Any] | None = None,
     all_processes: bool = False,
+    progress: progress_lib.Progress | None = None,
   ):
     self.devices = list(devices or jax.local_devices())
     self.all_processes = all_processes
+    self.progress = progress
+    self._compiled_sizes: set[int] = set()  # indices per device of the programs compiled so far
     root = jax.random.key(key) if isinstance(key, (int, np.integer)) else key
 
     def per_device(shared, indices, *inputs):
-      return jax.vmap(lambda i, *xs: fn(shared, jax.random.fold_in(root, i), *xs))(indices, *inputs)
+      mapped = lambda: jax.vmap(lambda i, *xs: fn(shared, jax.random.fold_in(root, i), *xs))(indices, *inputs)
+      if progress is None:
+        return mapped()
+      # Traced inside the context: this program, and only this one, reports (from the mesh's first device).
+      with progress_lib.reporting(progress, reporter=jax.lax.axis_index(AXIS) == 0):
+        return mapped()
 
     self._run = map_over_devices(per_device, self.devices)
     self._shared = None if shared is None else replicate(shared, self.devices)
@@ -163,8 +175,13 @@ class IndexedMap:
     n_dev = len(self.devices)
     per = -(-len(indices) // n_dev)
     blocks = [_pad(a, per * n_dev).reshape((n_dev, per) + a.shape[1:]) for a in (indices, *inputs)]
+    if self.progress is not None and per not in self._compiled_sizes:
+      self.progress.compiling()
+    self._compiled_sizes.add(per)
     out = self._run(shared, blocks[0].astype(np.uint32), *blocks[1:])
     out = jax.tree.map(lambda a: np.asarray(a).reshape((n_dev * per,) + a.shape[2:])[: len(indices)], out)
+    if self.progress is not None:
+      jax.effects_barrier()  # every report of this call has reached the bar before the caller closes it
     if gather:
       out = jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True))
     return jax.tree.map(lambda a: a[:n], out)

@@ -32,6 +32,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax import progress
 from ddpm_jax.schedule import Schedule
 
 MeanType = Literal['eps', 'xstart', 'xprev']
@@ -488,6 +489,8 @@ def calc_bpd_loop(
     bpd, pred_xstart = vb_terms_bpd(
       schedule, denoise_fn, x_start, x_t, t, mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised
     )
+    if progress.is_reporting():  # (ddpm_jax.progress; otherwise the program is unchanged)
+      progress.count(num_timesteps - 1 - i, num_timesteps)  # reverse=True: t = T-1 is the first call
     return carry, (bpd, mean_flat(jnp.square(pred_xstart - x_start)))
 
   # reverse=True runs t = T-1 first, like the original, and stacks outputs at index t.

@@ -8,6 +8,7 @@ output folder, refusing one that holds results of other settings.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,9 +17,10 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ddpm_jax import data_parallel, editing, errors, guidance, image_grid, input_pipeline, loading, paths
+from ddpm_jax import progress as progress_lib
 
 MODES = ('inpaint', 'sdedit')
 
@@ -82,17 +84,28 @@ class EditSpec:
 def load_mask(spec: str, image_size: int) -> np.ndarray:
   """The region to regenerate, [S, S, 1] bool: a preset name or a PNG/JPEG whose white (>= 128) pixels mark it.
 
-  A mask image of another size is resized with nearest-neighbour sampling.
+  A mask image must have the model's size S x S, pixel for pixel: one of another size is refused (with both sizes),
+  never stretched, since no resize can know which pixels the user meant.
+
+  Raises:
+    errors.UserError: not a preset nor a file; a file PIL cannot read; a mask of another size.
   """
   if spec in editing.MASK_PRESETS:
     return editing.preset_mask(spec, image_size)
   if not os.path.isfile(spec):
     raise errors.UserError(f'--mask {spec!r} is neither a preset {editing.MASK_PRESETS} nor an existing image file.')
-  with Image.open(spec) as im:
-    im = im.convert('L')
-    if im.size != (image_size, image_size):
-      im = im.resize((image_size, image_size), Image.Resampling.NEAREST)
-    m = np.asarray(im) >= 128
+  try:
+    with Image.open(spec) as im:
+      im.load()
+      width, height = im.size
+      m = np.asarray(im.convert('L')) >= 128
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    raise errors.UserError(f'--mask {spec!r} is not an image PIL can read ({type(e).__name__}: {e}).') from None
+  if (width, height) != (image_size, image_size):
+    raise errors.UserError(
+      f'--mask {spec!r} is {width}x{height} pixels but the images are {image_size}x{image_size}; '
+      f'give a {image_size}x{image_size} mask (white = regenerate) or a preset {editing.MASK_PRESETS}.'
+    )
   return m[..., None]
 
 
@@ -132,6 +145,7 @@ def run(
   guidance_scale: float = 0.0,
   source_name: str = '',
   loaded: Any = None,
+  progress: bool = True,
 ) -> dict:
   """What ``edit.py`` does: inpaint or SDEdit ``images`` with a model, writing PNGs and ``results.npz``.
 
@@ -150,6 +164,8 @@ def run(
     seed: PRNG seed.
     source_name: where the images came from, recorded in ``edit.json``.
     loaded: an already loaded model (a ``loading.LoadedModel``) instead of ``workdir``/``pretrained``.
+    progress: show a bar of the chain's network calls, moved from inside the compiled chain
+      (`ddpm_jax.progress`); all images and results run at once, so the total is one chain's calls.
 
   Returns:
     A summary dict: ``out_dir``, ``grid``, ``num_images``, ``num_samples``, ``network_calls_per_result`` and,
@@ -221,10 +237,17 @@ def run(
     res = editing.sdedit(loaded.schedule, denoise_fn, x[None], int(t_start), key, **sample_kwargs)
     return res.x_edit[0], res.x_t[0]
 
-  logging.info('%s: %d images x %d results with %s.', mode, n, s, loaded.source)
+  if mode == 'inpaint':
+    path = editing.repaint_path(big_t, jump_length=jump_length, jump_n_sample=jump_n_sample)
+    calls = int(np.sum(np.diff(path) < 0))
+  else:
+    calls = int(t_start) + 1
+  logging.info('%s: %d images x %d results with %s, %d network calls each.', mode, n, s, loaded.source, calls)
   # Result j of image i is index i * s + j.
-  edit_all = data_parallel.IndexedMap(edit_one, loaded.params, key=seed)
-  out, shown = edit_all(np.arange(n * s), np.repeat(input_pipeline.to_model_range(images), s, axis=0))
+  bar = progress_lib.Progress() if progress else None
+  edit_all = data_parallel.IndexedMap(edit_one, loaded.params, key=seed, progress=bar)
+  with bar.job(calls, mode) if bar is not None else contextlib.nullcontext():
+    out, shown = edit_all(np.arange(n * s), np.repeat(input_pipeline.to_model_range(images), s, axis=0))
   results = input_pipeline.to_uint8(out).reshape((n, s) + want)
   shown = input_pipeline.to_uint8(shown).reshape((n, s) + want)[:, 0]  # of each image's first result
 
@@ -238,15 +261,11 @@ def run(
   tmp = os.path.join(out_dir, 'results.tmp.npz')
   np.savez(tmp, inputs=images, results=results, regenerate=np.broadcast_to(regenerate, want))
   os.replace(tmp, os.path.join(out_dir, 'results.npz'))
-  summary = dict(out_dir=out_dir, grid=grid, num_images=n, num_samples=s)
+  summary = dict(out_dir=out_dir, grid=grid, num_images=n, num_samples=s, network_calls_per_result=calls)
   if mode == 'inpaint':
-    path = editing.repaint_path(big_t, jump_length=jump_length, jump_n_sample=jump_n_sample)
-    summary['network_calls_per_result'] = int(np.sum(np.diff(path) < 0))
     keep = np.broadcast_to(~regenerate, want)
     err = np.abs(results.astype(np.int16) - images[:, None].astype(np.int16))
     summary['known_pixels_max_abs_error'] = int(err[:, :, keep].max()) if keep.any() else 0
-  else:
-    summary['network_calls_per_result'] = int(t_start) + 1
   return summary
 
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion, sampling
+from ddpm_jax import diffusion, progress, sampling
 from ddpm_jax.diffusion import DenoiseFn, MeanType, VarType
 from ddpm_jax.schedule import Schedule
 
@@ -150,8 +150,16 @@ def inpaint(
     beta = jnp.take(schedule.betas, n)
     return jnp.sqrt(1.0 - beta) * x + jnp.sqrt(beta) * jax.random.normal(step_key, x.shape, x.dtype)
 
+  # Progress (ddpm_jax.progress): network calls, i.e. the steps down; the index rides along only when reported.
+  counted = progress.is_reporting()
+  xs = (jnp.asarray(starts), jnp.asarray(going_up), keys)
+  if counted:
+    xs += (jnp.arange(len(starts), dtype=jnp.int32),)
+
   def body(x, inputs):
-    n, is_up, step_key = inputs
+    n, is_up, step_key = inputs[:3]
+    if counted:
+      progress.count(inputs[3], len(starts), units=~going_up)
     return jax.lax.cond(is_up, up, down, x, n, step_key), None
 
   # x_T: noise, with the known pixels drawn from q(x_T | x0) like at every later step (for the paper's schedule
@@ -168,7 +176,7 @@ def inpaint(
     ),
     x_init,
   )
-  x, _ = jax.lax.scan(body, x_init, (jnp.asarray(starts), jnp.asarray(going_up), keys))
+  x, _ = jax.lax.scan(body, x_init, xs)
   return x
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import data_parallel, diffusion, errors, figures, guidance, image_grid, input_pipeline, loading, paths
+from ddpm_jax import progress as progress_lib
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.schedule import Schedule
 
@@ -40,6 +41,7 @@ def make_figure(
   key: jax.Array,
   sample_kwargs: dict,
   num_images: int = 8,
+  progress: bool = True,
 ) -> dict:
   """Computes one of :data:`FIGURES` for a model and writes it as PNG to ``out``.
 
@@ -52,6 +54,8 @@ def make_figure(
     key: PRNG key; row ``i`` of the figure draws its noise from ``fold_in(key, i)``.
     sample_kwargs: mean_type / var_type / clip_denoised for the sampler.
     num_images: rows of the figure.
+    progress: show a bar of the figure's network calls (per row; all rows run at once), moved from inside the
+      compiled chains (`ddpm_jax.progress`).
 
   Returns:
     A dict of numbers shown in the figure (e.g. the reconstruction distances), plus ``path``.
@@ -67,7 +71,20 @@ def make_figure(
   n, size = x0.shape[0], x0.shape[1]
   scale = max(1, 64 // size)
   big_t = schedule.num_timesteps
-  per_image = lambda fn: data_parallel.IndexedMap(fn, params, key=key)  # row i of the figure from fold_in(key, i)
+  bar = progress_lib.Progress() if progress else None
+
+  def per_image(fn, calls):
+    """Row i of the figure from fold_in(key, i); ``calls``: network calls per row, the bar's total."""
+    run = data_parallel.IndexedMap(fn, params, key=key, progress=bar)
+    if bar is None:
+      return run
+
+    def with_bar(*args):
+      with bar.job(calls, name):
+        return run(*args)
+
+    return with_bar
+
   info: dict[str, Any] = {}
   if name == 'forward':
     ts = sorted(set(list(range(0, big_t, max(1, big_t // 5))) + [big_t - 1]))
@@ -82,7 +99,7 @@ def make_figure(
       )
       return trace.t, trace.x[:, 0], trace.pred_xstart[:, 0]
 
-    ts, xs, preds = per_image(chain)(np.arange(n))
+    ts, xs, preds = per_image(chain, big_t)(np.arange(n))
     # Top half: x_t along the chain; bottom half: the network's x0 estimate at the same steps (paper Fig. 6).
     info['timesteps'] = ts[0].tolist()
     path = _grid_png(out, np.concatenate([xs, preds]), scale=scale)
@@ -92,7 +109,7 @@ def make_figure(
     def rec(p, k, x):
       return [figures.reconstruct(schedule, net(p), x[None], t, k, **sample_kwargs) for t in ts]
 
-    recs = per_image(rec)(np.arange(n), x0)
+    recs = per_image(rec, sum(t + 1 for t in ts))(np.arange(n), x0)
     columns, distances = [x0], {}
     for t, r in zip(ts, recs):
       columns += [r.x_t[:, 0], r.x_rec[:, 0]]
@@ -110,7 +127,7 @@ def make_figure(
     def mix(p, k, xa, xb):
       return figures.interpolate(schedule, net(p), xa[None], xb[None], t, k, lambdas=lambdas, **sample_kwargs)[:, 0]
 
-    mixed = per_image(mix)(np.arange(half), a, b)  # [half, len(lambdas), H, W, C]
+    mixed = per_image(mix, len(lambdas) * (t + 1))(np.arange(half), a, b)  # [half, len(lambdas), H, W, C]
     rows = np.concatenate([a[:, None], mixed, b[:, None]], axis=1)
     info.update(t=t + 1, lambdas=lambdas.tolist())
     path = _grid_png(out, rows, scale=scale)
@@ -127,7 +144,7 @@ def make_figure(
       )
       return jax.tree.map(lambda v: v[0], res)
 
-    res = per_image(bound)(np.arange(n), x0)
+    res = per_image(bound, big_t)(np.arange(n), x0)
     rd = figures.rate_distortion(res)
     info.update(
       total_bpd=float(np.mean(res.total_bpd)),

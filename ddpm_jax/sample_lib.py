@@ -12,6 +12,7 @@ rerunning the same command skips finished shards and never deletes any file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -19,13 +20,15 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 import tqdm
 
 from ddpm_jax import batch_sampler, errors, guidance, image_grid, loading, paths, solvers
+from ddpm_jax import progress as progress_lib
 
 
 def shard_path(out_dir: str, shard: int) -> str:
@@ -90,6 +93,35 @@ def check_resumable(out_dir: str, settings: dict) -> bool:
   return True
 
 
+@contextlib.contextmanager
+def _progress_bar(sampler: Any, todo: list, num_samples: int, *, enabled: bool) -> Iterator[Callable[[int], None]]:
+  """The bar of `sample_to_dir`; yields ``on_shard(num_images)``, to call after each shard is written.
+
+  A sampler with a ``progress`` (`ddpm_jax.progress.Progress`) and ``network_calls`` (a BatchSampler made with
+  ``progress=``) moves the bar from inside its compiled chain, in network calls over all shards to do, with the
+  images written as its postfix; any other sampler gets a bar of images, moved after each shard.
+  """
+  done = num_samples - sum(len(i) for _, i in todo)
+  if not enabled or not todo:
+    yield lambda n: None
+    return
+  calls = getattr(sampler, 'network_calls', None)
+  reporter = getattr(sampler, 'progress', None)
+  if reporter is None or calls is None:
+    with tqdm.tqdm(total=num_samples, initial=done, unit='img', dynamic_ncols=True, desc='sampling') as bar:
+      yield bar.update
+    return
+  with reporter.job(calls * len(todo), 'sampling') as bar:
+    written = [done]
+
+    def on_shard(n: int) -> None:
+      written[0] += n
+      bar.set_postfix_str(f'{written[0]}/{num_samples} images')
+
+    bar.set_postfix_str(f'{done}/{num_samples} images')
+    yield on_shard
+
+
 def sample_to_dir(
   sampler: Callable[[np.ndarray], np.ndarray],
   out_dir: str,
@@ -113,7 +145,8 @@ def sample_to_dir(
     image_shape: (H, W, C), to validate existing shards.
     settings: recorded in ``sampling.json``; a resumed run with different settings is refused.
     grid_size: images in ``grid.png`` (0 for none).
-    progress: show a tqdm bar with ETA.
+    progress: show a tqdm bar with ETA: in network calls, moved from inside the compiled chain, if ``sampler`` was
+      made with a ``progress`` (see `_progress_bar`); else in images, moved after each shard.
 
   Returns:
     Summary: ``num_samples``, ``num_shards``, ``skipped_shards``, ``wall_s``, ``images_per_s``.
@@ -139,28 +172,17 @@ def sample_to_dir(
   if skipped:
     logging.info('Resuming: %d of %d shards already in %s.', skipped, num_shards, out_dir)
 
-  bar = None
-  if progress and todo:
-    bar = tqdm.tqdm(
-      total=num_samples,
-      initial=num_samples - sum(len(i) for _, i in todo),
-      unit='img',
-      dynamic_ncols=True,
-      desc='sampling',
-    )
   t0, made = time.time(), 0
-  for shard, indices in todo:
-    images = sampler(indices)
-    path = shard_path(out_dir, shard)
-    tmp = path + '.tmp.npz'
-    labels = sampler.labels(indices) if hasattr(sampler, 'labels') else None
-    np.savez(tmp, images=images, indices=indices, **({} if labels is None else {'labels': labels}))
-    os.replace(tmp, path)
-    made += len(indices)
-    if bar is not None:
-      bar.update(len(indices))
-  if bar is not None:
-    bar.close()
+  with _progress_bar(sampler, todo, num_samples, enabled=progress) as on_shard:
+    for shard, indices in todo:
+      images = sampler(indices)
+      path = shard_path(out_dir, shard)
+      tmp = path + '.tmp.npz'
+      labels = sampler.labels(indices) if hasattr(sampler, 'labels') else None
+      np.savez(tmp, images=images, indices=indices, **({} if labels is None else {'labels': labels}))
+      os.replace(tmp, path)
+      made += len(indices)
+      on_shard(len(indices))
   wall = time.time() - t0
 
   if grid_size:
@@ -248,7 +270,15 @@ def run(
   settings = dict(source=loaded.source, seed=seed, sampler=dataclasses.asdict(spec), image_shape=list(image_shape))
   check_resumable(out_dir, dict(settings, num_samples=num_samples, shard_size=batch_size))  # before compiling
   logging.info('Sampling %d images from %s with %s.', num_samples, loaded.source, spec)
-  images = batch_sampler.BatchSampler(loaded.model, loaded.params, loaded.schedule, spec, image_shape, seed=seed)
+  images = batch_sampler.BatchSampler(
+    loaded.model,
+    loaded.params,
+    loaded.schedule,
+    spec,
+    image_shape,
+    seed=seed,
+    progress=progress_lib.Progress() if progress else None,
+  )
   summary = sample_to_dir(
     images,
     out_dir,

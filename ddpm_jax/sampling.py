@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion
+from ddpm_jax import diffusion, progress
 from ddpm_jax import schedule as sched_lib
 from ddpm_jax.diffusion import DenoiseFn, MeanType, VarType
 from ddpm_jax.schedule import Schedule
@@ -100,7 +100,8 @@ def reverse_scan(
 
   The building block of every sampler here. Keys are split up front, one per step. With ``trace_every
   = k`` the scan is nested (an outer scan over groups of k steps) and the state after every k-th step is
-  kept, so memory grows with len(timesteps)/k, never with all the steps.
+  kept, so memory grows with len(timesteps)/k, never with all the steps. Inside a `ddpm_jax.progress.reporting`
+  context (at trace time) each step counts as one network call; outside one the program has no callback.
 
   Args:
     step_fn: ``step_fn(x, t [B] int32, key) -> (x_next, pred_xstart)``.
@@ -118,21 +119,26 @@ def reverse_scan(
   num_steps = timesteps.shape[0]
   batch = x_init.shape[0]
   keys = jax.random.split(key, num_steps)
+  # The step index rides along only when progress is reported (ddpm_jax.progress): otherwise the program is unchanged.
+  counted = progress.is_reporting()
+  xs = (timesteps, keys, jnp.arange(num_steps, dtype=jnp.int32)) if counted else (timesteps, keys)
 
   def body(x, inputs):
-    t, step_key = inputs
+    t, step_key = inputs[:2]
     x, pred_xstart = step_fn(x, jnp.full((batch,), t, dtype=jnp.int32), step_key)
+    if counted:
+      progress.count(inputs[2], num_steps)
     return x, pred_xstart
 
   if trace_every is None:
-    x, _ = jax.lax.scan(lambda x, inp: (body(x, inp)[0], None), x_init, (timesteps, keys))
+    x, _ = jax.lax.scan(lambda x, inp: (body(x, inp)[0], None), x_init, xs)
     return x
   if not isinstance(trace_every, int) or trace_every < 1 or num_steps % trace_every:
     raise ValueError(
       f'trace_every must be a positive integer dividing the number of steps ({num_steps}), got {trace_every!r}.'
     )
   groups = num_steps // trace_every
-  grouped = (timesteps.reshape(groups, trace_every), keys.reshape((groups, trace_every) + keys.shape[1:]))
+  grouped = tuple(a.reshape((groups, trace_every) + a.shape[1:]) for a in xs)
 
   def group_body(x, inputs):
     x, pred_xstarts = jax.lax.scan(body, x, inputs)

@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion, sampling
+from ddpm_jax import diffusion, progress, sampling
 from ddpm_jax import schedule as sched_lib
 from ddpm_jax.diffusion import DenoiseFn
 from ddpm_jax.sampling import SampleTrace
@@ -276,7 +276,11 @@ def _run_plan(
   clip_denoised: bool,
   trace_every: int | None,
 ) -> jax.Array | tuple[jax.Array, SampleTrace]:
-  """Runs the plan as one ``lax.scan`` (nested once with ``trace_every``)."""
+  """Runs the plan as one ``lax.scan`` (nested once with ``trace_every``), one network call per row.
+
+  Inside a `ddpm_jax.progress.reporting` context (at trace time) the rows are counted; outside one the program has
+  no callback.
+  """
   dtype = x_init.dtype
   rows = plan.t.shape[0]
   kh, ke = plan.y_h.shape[1], plan.y_e.shape[1]
@@ -317,6 +321,7 @@ def _run_plan(
     x_new = x_new + col('x_y') * y
     if stochastic:
       x_new = x_new + col('x_z') * jax.random.normal(keys[i], x.shape, dtype)
+    progress.count(i, rows)  # one network call per row (nothing unless progress is reported)
     return (i + 1, x_new, y if uses_base else base, hist, ets), (t, x_new, x0)
 
   zeros = lambda k: jnp.zeros((k,) + x_init.shape, dtype)

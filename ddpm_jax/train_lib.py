@@ -52,6 +52,7 @@ from ddpm_jax import guidance
 from ddpm_jax import image_grid
 from ddpm_jax import input_pipeline
 from ddpm_jax import paths
+from ddpm_jax import progress as progress_lib
 from ddpm_jax import schedule as schedule_lib
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.data_parallel import AXIS, REPLICATED, SPLIT
@@ -873,7 +874,9 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: _Run, batches: A
   """Loop: the steps, with metrics, checkpoints and sample grids on their schedules; returns the summary."""
   tr = config.train
   p_train_step = make_p_train_step(run.settings)
-  grid_sampler = _grid_sampler(config, run) if tr.num_samples else None
+  # The chief shows the grids' progress from inside their compiled chains (the final grid takes a while).
+  grid_bar = progress_lib.Progress(leave=False) if is_chief else None
+  grid_sampler = _grid_sampler(config, run, grid_bar) if tr.num_samples else None
   input_pipeline.hide_accelerators_from_tf()  # clu imports TensorFlow (its TensorBoard writer and profiler)
   from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top  # TF: after hiding devices
 
@@ -945,8 +948,13 @@ def _report(step: int, num_steps: int, scalars: dict, writer: Any, bar: Any, is_
     logging.info('step %d/%d | %s', step, num_steps, text)
 
 
-def _grid_sampler(config: ml_collections.ConfigDict, run: _Run) -> batch_sampler.BatchSampler:
-  """The EMA sample grids' sampler: the paper's, image i from (seed, i) alone (not the device or host count)."""
+def _grid_sampler(
+  config: ml_collections.ConfigDict, run: _Run, progress: progress_lib.Progress | None
+) -> batch_sampler.BatchSampler:
+  """The EMA sample grids' sampler: the paper's, image i from (seed, i) alone (not the device or host count).
+
+  ``progress``: the bar its chains report to (the chief's), or None (no callback compiled).
+  """
   d = config.data
   spec = batch_sampler.SamplerSpec(
     name='ancestral',
@@ -957,7 +965,14 @@ def _grid_sampler(config: ml_collections.ConfigDict, run: _Run) -> batch_sampler
   )
   image_shape = (d.image_size, d.image_size, d.channels)
   return batch_sampler.BatchSampler(
-    run.settings.model, None, run.settings.schedule, spec, image_shape, seed=run.sample_key, all_processes=True
+    run.settings.model,
+    None,
+    run.settings.schedule,
+    spec,
+    image_shape,
+    seed=run.sample_key,
+    all_processes=True,
+    progress=progress,
   )
 
 
@@ -965,7 +980,12 @@ def _write_grid(config, workdir, grid_sampler, step, rstate, writer, is_chief) -
   """Samples ``train.num_samples`` images with the EMA parameters (every host's, gathered) and saves the grid."""
   n = config.train.num_samples
   # This process's devices sample its share from the EMA parameters on the host; every host gets all images.
-  samples = grid_sampler(np.arange(n), params=data_parallel.unreplicate(rstate.ema_params))
+  params = data_parallel.unreplicate(rstate.ema_params)
+  if grid_sampler.progress is None:
+    samples = grid_sampler(np.arange(n), params=params)
+  else:
+    with grid_sampler.progress.job(grid_sampler.network_calls, f'sample grid at step {step}'):
+      samples = grid_sampler(np.arange(n), params=params)
   if not is_chief:
     return None
   ncols, labels = None, grid_sampler.labels(np.arange(n))

@@ -78,6 +78,8 @@ def world(tmp_path_factory):
     grid_size=0,
     progress=False,
   )
+  w['mask_5x7'] = str(root / 'mask_5x7.png')  # 7 wide, 5 high: the issue's mask that was stretched to 8x8
+  Image.fromarray(np.full((5, 7), 255, np.uint8)).save(w['mask_5x7'])
   w['weights'] = str(root / 'weights.npz')
   (root / 'weights.npz').write_bytes(b'stand-in')
   w['empty'] = str(root / 'empty')
@@ -270,6 +272,8 @@ def test_edit_bad_inputs(world, tmp_path):
     (['--mode', 'inpaint'] + wd + digits + out, ['--mode inpaint needs --mask']),
     (['--mode', 'inpaint', '--mask', 'nothing'] + wd + digits + out, ["--mask 'nothing'"]),
     (['--mode', 'inpaint', '--mask', 'right', '--jump_length', '0'] + wd + digits + out, ['jump_length', '0']),
+    (['--mode', 'inpaint', '--mask', world['mask_5x7']] + wd + digits + out, [world['mask_5x7'], '7x5', '8x8']),
+    (['--mode', 'inpaint', '--mask', world['fake_png']] + wd + digits + out, [world['fake_png'], 'not an image']),
     (['--mode', 'sdedit', '--t_start', '99'] + wd + digits + out, ['--t_start=99', '[0, 19]']),
     (['--mode', 'sdedit'] + wd + digits + out, ['--t_start']),
     (['--mode', 'sdedit', '--t_start', '5', '--image', world['fake_png']] + wd + out, [world['fake_png']]),

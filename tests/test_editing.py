@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import edit_lib, editing, figures, loading, sampling
+from ddpm_jax import edit_lib, editing, errors, figures, loading, sampling
 from ddpm_jax import schedule as sched_lib
 from ddpm_jax.models import UNet
 
@@ -192,12 +192,19 @@ def test_preset_and_png_masks(tmp_path):
   c = editing.preset_mask('center', 8)
   assert c.sum() == 16 and c[2:6, 2:6].all()
   assert editing.preset_mask('top', 8)[:4].all() and editing.preset_mask('bottom', 8)[4:].all()
-  png = np.zeros((16, 16), np.uint8)
-  png[:, :8] = 255  # white = regenerate, at twice the model's size
+  png = np.zeros((8, 8), np.uint8)
+  png[:, :4] = 255  # white = regenerate
   Image.fromarray(png).save(tmp_path / 'm.png')
   np.testing.assert_array_equal(edit_lib.load_mask(str(tmp_path / 'm.png'), 8), editing.preset_mask('left', 8))
   with pytest.raises(ValueError, match='neither a preset'):
     edit_lib.load_mask(str(tmp_path / 'missing.png'), 8)
+  # Another size is refused with both sizes (never stretched): 7 wide, 5 high.
+  Image.fromarray(np.zeros((5, 7), np.uint8)).save(tmp_path / 'small.png')
+  with pytest.raises(errors.UserError, match=r"'.*small.png' is 7x5 pixels but the images are 8x8"):
+    edit_lib.load_mask(str(tmp_path / 'small.png'), 8)
+  (tmp_path / 'fake.png').write_bytes(b'not a png')
+  with pytest.raises(errors.UserError, match='fake.png.* not an image'):
+    edit_lib.load_mask(str(tmp_path / 'fake.png'), 8)
 
 
 @pytest.fixture(scope='module')
