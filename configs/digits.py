@@ -4,11 +4,11 @@ Command:
   python train.py            # same as: python train.py --config configs/digits.py --workdir runs/digits
 
 Hardware: a 2-core CPU (no accelerator, no network).
-Expected time: about 4-6 min for the 5,000 steps, compilation and the final 64 samples included (measured 3 min 51 s
-on a 2-core CPU at 23.7 steps/s with train.py's XLA:CPU setting; 6 min 01 s before it; docs/training.md).
+Expected time: a few minutes for the 5,000 steps, compilation and the final 64 samples included; the measured time,
+with its command and machine, is in README.md ("The digits demo") and docs/training.md.
 Expected result: loss about 0.08 and recognisable digits in runs/digits/samples/step_00005000.png, like
 assets/digits_samples.png.
-Deviations from the paper, for a 20-minute CPU run: a small U-Net, EMA 0.995 (0.9999 would still show the
+Deviations from the paper, for a CPU run of minutes: a small U-Net, EMA 0.995 (0.9999 would still show the
 initial weights after a few thousand steps), no flips (digits are not mirror-symmetric), T = 1000 kept.
 """
 
