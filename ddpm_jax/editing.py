@@ -152,9 +152,6 @@ def inpaint(
 
   # Progress (ddpm_jax.progress): network calls, i.e. the steps down; the index rides along only when reported.
   counted = progress.is_reporting()
-  xs = (jnp.asarray(starts), jnp.asarray(going_up), keys)
-  if counted:
-    xs += (jnp.arange(len(starts), dtype=jnp.int32),)
 
   def body(x, inputs):
     n, is_up, step_key = inputs[:3]
@@ -176,6 +173,9 @@ def inpaint(
     ),
     x_init,
   )
+  xs = (jnp.asarray(starts), jnp.asarray(going_up), keys)
+  if counted:
+    xs += (jnp.arange(len(starts), dtype=jnp.int32),)
   x, _ = jax.lax.scan(body, x_init, xs)
   return x
 
