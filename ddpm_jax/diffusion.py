@@ -489,12 +489,11 @@ def calc_bpd_loop(
     bpd, pred_xstart = vb_terms_bpd(
       schedule, denoise_fn, x_start, x_t, t, mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised
     )
-    if progress.is_reporting():  # (ddpm_jax.progress; otherwise the program is unchanged)
-      progress.count(num_timesteps - 1 - i, num_timesteps)  # reverse=True: t = T-1 is the first call
     return carry, (bpd, mean_flat(jnp.square(pred_xstart - x_start)))
 
   # reverse=True runs t = T-1 first, like the original, and stacks outputs at index t.
-  _, (terms, mse) = jax.lax.scan(step, None, (jnp.arange(num_timesteps), keys), reverse=True)
+  # progress.scan: jax.lax.scan, reporting the network calls only inside a progress.reporting context.
+  _, (terms, mse) = progress.scan(step, None, (jnp.arange(num_timesteps), keys), reverse=True)
   terms, mse = terms.T, mse.T
   prior = prior_bpd(schedule, x_start)
   return BpdResult(total_bpd=jnp.sum(terms, axis=1) + prior, terms_bpd=terms, prior_bpd=prior, mse=mse)

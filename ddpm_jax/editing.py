@@ -150,13 +150,8 @@ def inpaint(
     beta = jnp.take(schedule.betas, n)
     return jnp.sqrt(1.0 - beta) * x + jnp.sqrt(beta) * jax.random.normal(step_key, x.shape, x.dtype)
 
-  # Progress (ddpm_jax.progress): network calls, i.e. the steps down; the index rides along only when reported.
-  counted = progress.is_reporting()
-
   def body(x, inputs):
-    n, is_up, step_key = inputs[:3]
-    if counted:
-      progress.count(inputs[3], len(starts), units=~going_up)
+    n, is_up, step_key = inputs
     return jax.lax.cond(is_up, up, down, x, n, step_key), None
 
   # x_T: noise, with the known pixels drawn from q(x_T | x0) like at every later step (for the paper's schedule
@@ -173,10 +168,8 @@ def inpaint(
     ),
     x_init,
   )
-  xs = (jnp.asarray(starts), jnp.asarray(going_up), keys)
-  if counted:
-    xs += (jnp.arange(len(starts), dtype=jnp.int32),)
-  x, _ = jax.lax.scan(body, x_init, xs)
+  # Progress (ddpm_jax.progress, only when reported) counts network calls: the steps down.
+  x, _ = progress.scan(body, x_init, (jnp.asarray(starts), jnp.asarray(going_up), keys), units=~going_up)
   return x
 
 

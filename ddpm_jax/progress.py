@@ -2,12 +2,13 @@
 
 A sampler or an editing chain runs as one ``lax.scan`` inside one compiled call, so the host sees nothing until the
 call returns. Every scan that calls the network (`ddpm_jax.sampling.reverse_scan`, the solvers' plans in
-`ddpm_jax.solvers`, `ddpm_jax.editing.inpaint`, `ddpm_jax.diffusion.calc_bpd_loop`) calls :func:`count` in its
-body. Outside a :func:`reporting` context (every library call) :func:`count` adds nothing: the program is exactly
-the one compiled without it. Inside one, it adds a host callback (``jax.debug.callback``) that reports the network
-calls done since its last report, about ``updates`` times per scan. The commands turn it on through
-`ddpm_jax.data_parallel.IndexedMap`'s ``progress`` (which traces its program inside :func:`reporting`, with only
-the first device of the mesh reporting) and show the counts in a :class:`Progress` bar::
+`ddpm_jax.solvers`, `ddpm_jax.editing.inpaint`, `ddpm_jax.diffusion.calc_bpd_loop`) is :func:`scan`. Outside a
+:func:`reporting` context (every library call) it is ``jax.lax.scan``: the program is exactly the one compiled
+without progress. Inside one, it runs the steps in about ``updates`` chunks and after each chunk a host callback
+(``jax.debug.callback``) reports the network calls done; the steps themselves are unchanged (a callback inside
+the step cost 10-20 % on XLA:CPU, a callback between chunks does not: BENCHMARKS.md). The commands turn it on
+through `ddpm_jax.data_parallel.IndexedMap`'s ``progress`` (which traces its program inside :func:`reporting`, with
+only the first device of the mesh reporting) and show the counts in a :class:`Progress` bar::
 
   bar = progress.Progress()
   sampler = batch_sampler.BatchSampler(model, params, schedule, spec, (32, 32, 3), seed=0, progress=bar)
@@ -80,51 +81,69 @@ def is_reporting() -> bool:
   return bool(_stack())
 
 
-def report_table(num_steps: int, units: Sequence[int] | np.ndarray | None = None, updates: int = UPDATES) -> np.ndarray:
-  """Calls to report after each iteration of a scan: int64 [num_steps], nonzero about ``updates`` times.
+def scan(
+  f: Callable[[Any, Any], tuple[Any, Any]],
+  init: Any,
+  xs: Any = None,
+  length: int | None = None,
+  *,
+  units: Sequence[int] | np.ndarray | None = None,
+  reverse: bool = False,
+) -> tuple[Any, Any]:
+  """``jax.lax.scan(f, init, xs, length, reverse=reverse)`` that reports its network calls when asked.
 
-  The entries sum to the scan's network calls (``sum(units)``), so a bar that adds them ends exactly at its total.
-
-  Args:
-    num_steps: the scan's length.
-    units: network calls of each iteration (default one each).
-    updates: how many reports at most.
-  """
-  units = np.ones(num_steps, np.int64) if units is None else np.asarray(units, np.int64)
-  if units.shape != (num_steps,):
-    raise ValueError(f'units has shape {units.shape}, expected ({num_steps},).')
-  done = np.cumsum(units)
-  every = max(1, -(-num_steps // updates))
-  fire = np.zeros(num_steps, bool)
-  fire[every - 1 :: every] = True
-  fire[-1] = True
-  at = np.nonzero(fire)[0]
-  table = np.zeros(num_steps, np.int64)
-  table[at] = np.diff(np.concatenate([[0], done[at]]))
-  return table
-
-
-def count(step: jax.Array, num_steps: int, units: Sequence[int] | np.ndarray | None = None) -> None:
-  """Called in a scan body: reports the network calls done, if a :func:`reporting` context is active.
-
-  Adds nothing to the program otherwise.
+  Outside a :func:`reporting` context this is exactly ``jax.lax.scan``. Inside one, the iterations run in chunks
+  (an outer scan over chunks of about ``n / updates`` iterations, each an inner scan of the same ``f``, then the
+  remainder), and after each chunk a host callback reports the chunk's calls: ``f`` itself stays free of
+  callbacks and conditionals, so the per-step program is the one without progress.
 
   Args:
-    step: int32 scalar, the body's 0-based iteration (the same on every element of a vmapped batch).
-    num_steps: the scan's length (static).
-    units: network calls of each iteration, [num_steps] ints (default one each; RePaint's jumps up cost none).
+    f, init, xs, length, reverse: as for ``jax.lax.scan``.
+    units: network calls of each iteration, [n] ints (default one each; RePaint's jumps up cost none, an outer scan
+      over groups of k steps k each).
+
+  Returns:
+    ``(carry, ys)`` as ``jax.lax.scan`` returns them.
   """
   stack = _stack()
   if not stack:
-    return
+    return jax.lax.scan(f, init, xs, length=length, reverse=reverse)
   ctx = stack[-1]
-  calls = jnp.asarray(report_table(num_steps, units, ctx.updates), jnp.int32)[step]
-  jax.lax.cond(
-    jnp.logical_and(calls > 0, ctx.reporter),
-    lambda c: jax.debug.callback(ctx.sink, c),
-    lambda c: None,
-    calls,
-  )
+  leaves = jax.tree.leaves(xs)
+  n = int(leaves[0].shape[0]) if leaves else int(length)
+  units = np.ones(n, np.int64) if units is None else np.asarray(units, np.int64)
+  if units.shape != (n,):
+    raise ValueError(f'units has shape {units.shape}, expected ({n},).')
+  if reverse:  # run forward over the flipped inputs, flip the outputs back
+    xs, units = jax.tree.map(lambda a: jnp.flip(a, 0), xs), units[::-1]
+
+  def report(calls):
+    jax.lax.cond(
+      jnp.logical_and(calls > 0, ctx.reporter), lambda c: jax.debug.callback(ctx.sink, c), lambda c: None, calls
+    )
+
+  every = max(1, -(-n // ctx.updates))
+  chunks, rest = divmod(n, every)
+  carry, parts = init, []
+  if chunks:
+    head = jax.tree.map(lambda a: a[: chunks * every].reshape((chunks, every) + a.shape[1:]), xs)
+    calls = jnp.asarray(units[: chunks * every].reshape(chunks, every).sum(axis=1), jnp.int32)
+
+    def outer(c, inputs):
+      c, ys = jax.lax.scan(f, c, inputs[0], length=every)
+      report(inputs[1])
+      return c, ys
+
+    carry, ys = jax.lax.scan(outer, carry, (head, calls))
+    parts.append(jax.tree.map(lambda a: a.reshape((chunks * every,) + a.shape[2:]), ys))
+  if rest:
+    carry, ys = jax.lax.scan(f, carry, jax.tree.map(lambda a: a[chunks * every :], xs), length=rest)
+    report(jnp.asarray(units[chunks * every :].sum(), jnp.int32))
+    parts.append(ys)
+  ys = jax.tree.map(lambda *p: jnp.concatenate(p) if len(p) > 1 else p[0], *parts)
+  if reverse:
+    ys = jax.tree.map(lambda a: jnp.flip(a, 0), ys)
+  return carry, ys
 
 
 class Progress:

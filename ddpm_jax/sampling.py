@@ -100,8 +100,9 @@ def reverse_scan(
 
   The building block of every sampler here. Keys are split up front, one per step. With ``trace_every
   = k`` the scan is nested (an outer scan over groups of k steps) and the state after every k-th step is
-  kept, so memory grows with len(timesteps)/k, never with all the steps. Inside a `ddpm_jax.progress.reporting`
-  context (at trace time) each step counts as one network call; outside one the program has no callback.
+  kept, so memory grows with len(timesteps)/k, never with all the steps. The scan is `ddpm_jax.progress.scan`:
+  inside a `ddpm_jax.progress.reporting` context (at trace time) each step counts as one network call; outside one
+  it is ``jax.lax.scan``.
 
   Args:
     step_fn: ``step_fn(x, t [B] int32, key) -> (x_next, pred_xstart)``.
@@ -119,32 +120,27 @@ def reverse_scan(
   num_steps = timesteps.shape[0]
   batch = x_init.shape[0]
   keys = jax.random.split(key, num_steps)
-  # The step index rides along only when progress is reported (ddpm_jax.progress): otherwise the program is unchanged.
-  counted = progress.is_reporting()
-  xs = (timesteps, keys, jnp.arange(num_steps, dtype=jnp.int32)) if counted else (timesteps, keys)
 
   def body(x, inputs):
-    t, step_key = inputs[:2]
+    t, step_key = inputs
     x, pred_xstart = step_fn(x, jnp.full((batch,), t, dtype=jnp.int32), step_key)
-    if counted:
-      progress.count(inputs[2], num_steps)
     return x, pred_xstart
 
   if trace_every is None:
-    x, _ = jax.lax.scan(lambda x, inp: (body(x, inp)[0], None), x_init, xs)
+    x, _ = progress.scan(lambda x, inp: (body(x, inp)[0], None), x_init, (timesteps, keys))
     return x
   if not isinstance(trace_every, int) or trace_every < 1 or num_steps % trace_every:
     raise ValueError(
       f'trace_every must be a positive integer dividing the number of steps ({num_steps}), got {trace_every!r}.'
     )
   groups = num_steps // trace_every
-  grouped = tuple(a.reshape((groups, trace_every) + a.shape[1:]) for a in xs)
+  grouped = (timesteps.reshape(groups, trace_every), keys.reshape((groups, trace_every) + keys.shape[1:]))
 
   def group_body(x, inputs):
     x, pred_xstarts = jax.lax.scan(body, x, inputs)
     return x, (inputs[0][-1], x, pred_xstarts[-1])
 
-  x, (t_trace, x_trace, pred_trace) = jax.lax.scan(group_body, x_init, grouped)
+  x, (t_trace, x_trace, pred_trace) = progress.scan(group_body, x_init, grouped, units=np.full(groups, trace_every))
   return x, SampleTrace(t=t_trace, x=x_trace, pred_xstart=pred_trace)
 
 

@@ -278,8 +278,8 @@ def _run_plan(
 ) -> jax.Array | tuple[jax.Array, SampleTrace]:
   """Runs the plan as one ``lax.scan`` (nested once with ``trace_every``), one network call per row.
 
-  Inside a `ddpm_jax.progress.reporting` context (at trace time) the rows are counted; outside one the program has
-  no callback.
+  The scan is `ddpm_jax.progress.scan`: inside a `ddpm_jax.progress.reporting` context (at trace time) the rows are
+  counted; outside one it is ``jax.lax.scan``.
   """
   dtype = x_init.dtype
   rows = plan.t.shape[0]
@@ -321,21 +321,21 @@ def _run_plan(
     x_new = x_new + col('x_y') * y
     if stochastic:
       x_new = x_new + col('x_z') * jax.random.normal(keys[i], x.shape, dtype)
-    progress.count(i, rows)  # one network call per row (nothing unless progress is reported)
     return (i + 1, x_new, y if uses_base else base, hist, ets), (t, x_new, x0)
 
   zeros = lambda k: jnp.zeros((k,) + x_init.shape, dtype)
   base = jnp.zeros_like(x_init) if uses_base else jnp.zeros((), dtype)
   carry = (jnp.zeros((), jnp.int32), x_init, base, zeros(kh), zeros(ke))
   if trace_every is None:
-    carry, _ = jax.lax.scan(lambda c, r: (body(c, r)[0], None), carry, None, length=rows)
+    carry, _ = progress.scan(lambda c, r: (body(c, r)[0], None), carry, None, length=rows)
     return carry[1]
 
   def group_body(c, _):
     c, (t, xk, x0) = jax.lax.scan(body, c, None, length=trace_every)
     return c, (t[-1], xk[-1], x0[-1])
 
-  carry, (t_tr, x_tr, x0_tr) = jax.lax.scan(group_body, carry, None, length=rows // trace_every)
+  groups = rows // trace_every
+  carry, (t_tr, x_tr, x0_tr) = progress.scan(group_body, carry, None, length=groups, units=np.full(groups, trace_every))
   return carry[1], SampleTrace(t=t_tr, x=x_tr, pred_xstart=x0_tr)
 
 

@@ -32,15 +32,23 @@ def _chain(name, **options):
   return fn
 
 
-def test_report_table_sums_to_the_calls_in_at_most_the_updates_asked():
-  for n, updates in ((1, 100), (7, 3), (1000, 100), (999, 100), (40, 100)):
-    table = progress.report_table(n, updates=updates)
-    assert table.sum() == n and np.count_nonzero(table) <= updates and table[-1] > 0
-  units = np.array([1, 0, 0, 1, 1, 0, 1, 1])  # RePaint: jumps up cost no call
-  table = progress.report_table(8, units, updates=3)
-  assert table.sum() == units.sum() and np.count_nonzero(table) <= 3
-  with pytest.raises(ValueError, match=r'units has shape \(3,\)'):
-    progress.report_table(4, [1, 1, 1])
+def test_scan_is_lax_scan_and_reports_the_calls_in_chunks():
+  f = lambda c, x: (c + x[0] * x[1], c * x[1])
+  xs = (jnp.arange(7.0), jnp.linspace(0.5, 1.5, 7))
+  calls = []
+  for reverse in (False, True):
+    want = jax.lax.scan(f, 1.0, xs, reverse=reverse)
+    np.testing.assert_array_equal(progress.scan(f, 1.0, xs, reverse=reverse)[1], want[1])  # no context: lax.scan
+    for updates, units in ((3, None), (100, None), (2, [1, 0, 0, 1, 1, 0, 1])):  # chunks of 3 (+1), 1, 4 (+3)
+      calls.clear()
+      with progress.reporting(calls.append, updates=updates):
+        got = jax.jit(lambda xs: progress.scan(f, 1.0, xs, units=units, reverse=reverse))(xs)
+      jax.effects_barrier()
+      np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+      np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+      assert sum(int(c) for c in calls) == (7 if units is None else sum(units)) and len(calls) <= updates
+  with pytest.raises(ValueError, match=r'units has shape \(3,\)'), progress.reporting(print):
+    progress.scan(f, 1.0, xs, units=[1, 1, 1])
 
 
 CASES = [
