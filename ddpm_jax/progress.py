@@ -5,8 +5,8 @@ call returns. Every scan that calls the network (`ddpm_jax.sampling.reverse_scan
 `ddpm_jax.solvers`, `ddpm_jax.editing.inpaint`, `ddpm_jax.diffusion.calc_bpd_loop`) is :func:`scan`. Outside a
 :func:`reporting` context (every library call) it is ``jax.lax.scan``: the program is exactly the one compiled
 without progress. Inside one, it runs the steps in about ``updates`` chunks and after each chunk a host callback
-(``jax.debug.callback``) reports the network calls done; the steps themselves are unchanged (a callback inside
-the step cost 10-20 % on XLA:CPU, a callback between chunks does not: BENCHMARKS.md). The commands turn it on
+(``jax.debug.callback``) reports the network calls done; the steps themselves are unchanged (a callback under a
+conditional inside every step measured slower on XLA:CPU; BENCHMARKS.md, "Progress"). The commands turn it on
 through `ddpm_jax.data_parallel.IndexedMap`'s ``progress`` (which traces its program inside :func:`reporting`, with
 only the first device of the mesh reporting) and show the counts in a :class:`Progress` bar::
 
