@@ -206,6 +206,7 @@ class Progress:
         bar.set_description(self._desc, refresh=False)
         bar.unpause()
         bar.n += calls
+        bar.initial += calls  # their time is unknown (it ran with the compilation): not in the rate either
         bar.last_print_n = bar.n
         bar.refresh()
         return
