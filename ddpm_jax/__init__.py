@@ -9,6 +9,7 @@ Modules (import what you need; importing the package itself loads nothing heavy)
   * ``ddpm_jax.models``: the paper's Flax U-Net.
   * ``ddpm_jax.loading``: a training run or a released model as one ``LoadedModel`` to sample from.
   * ``ddpm_jax.batch_sampler``: the one data-parallel sampler (images by global index over the devices).
+  * ``ddpm_jax.progress``: progress from inside the compiled chains, compiled in only when asked for.
 
 The commands' drivers are the ``*_lib`` modules (``train_lib``, ``sample_lib``, ``evaluate_lib``, ``figures_lib``,
 ``edit_lib``, ``export_lib``); the README's layout table lists every module.
