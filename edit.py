@@ -3,7 +3,7 @@ r"""Inpaints or edits real images with a trained or released DDPM (no retraining
   # Inpainting: regenerate the right half of 8 test digits, 4 completions each, with RePaint's resampling:
   python edit.py --mode inpaint --workdir runs/digits --dataset digits --num_images 8 --mask right \
       --jump_length 10 --jump_n_sample 10 --out edits/digits_inpaint
-  # Your own image and mask (white pixels of the mask are regenerated):
+  # Your own image and a mask at the model's size, 32x32 here (white pixels of the mask are regenerated):
   python edit.py --mode inpaint --pretrained google/ddpm-cifar10-32 --image photo.png --mask mask.png --out edits/a
   # SDEdit: noise to t_start (code timestep, 0..T-1), denoise back; lower keeps more of the input:
   python edit.py --mode sdedit --workdir runs/digits --dataset digits --num_images 8 --t_start 400 --out edits/b
