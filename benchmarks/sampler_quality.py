@@ -30,7 +30,7 @@ interrupted sweep resumes, further samplers or budgets add to the same table and
 ``--clip_denoised on`` reuses the rows of the samplers that clip anyway (its plot is
 ``quality_vs_calls_clip_on.png``).
 
-Example (the README's digits result; docs/sampler_quality.md has the timings)::
+Example (the README's digits result; BENCHMARKS.md has the table, the timings and how to read them)::
 
   python benchmarks/sampler_quality.py --workdir runs/digits --samplers all --calls 5,10,15,20,25,50,100 \\
       --num_images 1000 --out results/sampler_quality
