@@ -193,7 +193,9 @@ def test_fid_command_plumbing(tmp_path, monkeypatch):
 
 def _cli(script, *args, timeout=300):
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=ROOT)
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '').replace(
+    '--xla_force_host_platform_device_count=8', ''
+  )  # one device
   return subprocess.run(
     [sys.executable, os.path.join(ROOT, script), *args],
     env=env,

@@ -259,7 +259,9 @@ def test_push_to_hub_without_the_hub_extra(run, tmp_path, monkeypatch):
 def test_export_command(run, tmp_path):
   workdir, _ = run
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=ROOT, DDPM_JAX_CPU_TUNING='0')
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '').replace(
+    '--xla_force_host_platform_device_count=8', ''
+  )  # one device
   out = str(tmp_path / 'tf')
   result = subprocess.run(
     [sys.executable, os.path.join(ROOT, 'export.py'), '--workdir', workdir, '--out', out, '--format', 'tf'],

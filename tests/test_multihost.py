@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WORKER = r"""
 import os, sys
 workdir, nproc, pid, port, ndev = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={ndev}'
+os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={ndev}'
 import jax
 from configs import tiny
 from ddpm_jax import train_lib
@@ -47,8 +47,9 @@ def _free_port():
 
 def _env():
   env = dict(os.environ)
-  for name in ('XLA_FLAGS', 'JAX_COMPILATION_CACHE_DIR'):  # no shared cache: two processes would write one entry
-    env.pop(name, None)
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)  # no shared cache: two processes would write one entry
+  # The test process's flags (tests/conftest.py) but its device count: each worker sets its own.
+  env['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '').replace('--xla_force_host_platform_device_count=8', '')
   env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=ROOT)
   return env
 
@@ -106,7 +107,7 @@ def test_two_processes_train_like_one(tmp_path):
 _LOCAL_WORKER = r"""
 import json, os, sys
 pid, port = int(sys.argv[1]), sys.argv[2]
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2'
 import jax
 import numpy as np
 from ddpm_jax import data_parallel
