@@ -36,3 +36,16 @@ if _CACHE_ROOT in os.environ or 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(
     os.environ[_CACHE_ROOT], os.environ.get('PYTEST_XDIST_WORKER', 'main')
   )
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+    'markers', 'slow: a test of tens of seconds (a training run, subprocesses); collected first, see below'
+  )
+
+
+def pytest_collection_modifyitems(items):
+  """Runs the `slow` tests first: under `pytest -n 2` the workers then end on short tests, and neither waits
+  alone on a long one at the end of the run. Only tests without module-scoped fixtures are marked, so moving
+  them builds nothing twice."""
+  items.sort(key=lambda item: item.get_closest_marker('slow') is None)  # stable: otherwise collection order

@@ -42,6 +42,7 @@ FIELDS = (
 )
 
 
+@pytest.mark.slow
 def test_run_and_json(tmp_path, capsys):
   impls = 'jax,torch' if HAVE_TORCH else 'jax'
   out = tmp_path / 'r.json'
@@ -158,6 +159,7 @@ def test_strip_options():
   ]
 
 
+@pytest.mark.slow
 def test_auto_cpu_tuning_measures_each_phase_in_its_own_process(tmp_path):
   """The default run: JAX's training and sampling in separate processes, each with the commands' XLA:CPU flag."""
   out = tmp_path / 'r.json'
@@ -215,6 +217,7 @@ def test_rounds_give_medians_and_the_ratio_of_each_round():
   assert 'train: 2.00x 1.00x 1.00x' in text and 'median 1.00x' in text and 'median 2.50x' in text
 
 
+@pytest.mark.slow
 def test_rounds_run_end_to_end(tmp_path, capsys):
   out = tmp_path / 'r.json'
   results = bench.main(

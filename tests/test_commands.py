@@ -271,6 +271,7 @@ def test_edit_command_inpaints_and_sdedits_a_workdir_model(run, tmp_path):
   assert res.returncode != 0 and '--t_start' in res.stderr  # a clear error, before anything compiles
 
 
+@pytest.mark.slow
 def test_class_conditional_run_end_to_end(tmp_path):
   """Train a tiny class-conditional digits model, sample one class with guidance, score the classes."""
   workdir = str(tmp_path / 'cond')

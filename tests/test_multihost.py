@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,6 +77,7 @@ def _result(proc, timeout=BUDGET_S):
   return int(line[1]), int(line[2]), int(line[3]), float(line[4])
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
   port = _free_port()

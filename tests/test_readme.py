@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -21,6 +22,7 @@ def _python_block(section: str) -> str:
   return re.search(r'```python\n(.*?)```', text[start:], re.S).group(1)
 
 
+@pytest.mark.slow
 def test_functional_api_example_runs():
   code = _python_block('The functional API')
   # Run the example as written but with T = 50 instead of 1000: the 2,000 network calls of sampling and

@@ -76,6 +76,7 @@ def _assert_same(a, b, *, rtol, atol):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('clip_groups', [0, 8], ids=['global_clip', 'per_group_clip'])
 def test_one_vs_eight_devices(clip_groups):
   assert jax.local_device_count() == 8, 'tests/conftest.py should give 8 fake CPU devices'
@@ -180,6 +181,7 @@ def _check_workdir(workdir, steps_on_disk, sample_steps):
       assert im.size[0] > 0
 
 
+@pytest.mark.slow
 def test_end_to_end_tfds_mock(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   workdir = str(tmp_path / 'run')
@@ -321,6 +323,7 @@ def _final_params(workdir):
   return step, tree
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigkill_then_resume_match_uninterrupted_run(tmp_path):
   _CACHE['dir'] = str(tmp_path / 'compilation_cache')
   reference = str(tmp_path / 'reference')

@@ -198,6 +198,7 @@ def test_failed_restore_leaves_the_workdir_byte_for_byte(tmp_path):
   assert snapshot(wd) == before
 
 
+@pytest.mark.slow
 def test_resume_with_more_steps_trains_on_and_records_the_config(tmp_path):
   wd = make_workdir(str(tmp_path / 'wd'))
   config = _tiny(**{'train.num_steps': 5, 'train.num_samples': 0, 'train.log_every': 1})
